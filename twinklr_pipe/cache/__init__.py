@@ -1,0 +1,3 @@
+"""The content-addressed stage cache."""
+
+from __future__ import annotations
