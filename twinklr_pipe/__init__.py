@@ -1,5 +1,63 @@
-"""twinklr_pipe: multi-stage async pipelines with a checkpointed, content-addressed cache."""
+"""twinklr_pipe: multi-stage async pipelines with a checkpointed, content-addressed cache.
+
+Declare stages and their inputs in a ``PipelineDefinition``; ``PipelineExecutor``
+runs each stage as soon as its inputs are ready, and with a cache directory it
+skips every stage whose code, configuration and inputs are unchanged.
+"""
 
 from __future__ import annotations
 
+from ._context import PipelineContext as PipelineContext
+from ._context import current_context as current_context
+from ._definition import ExecutionPattern as ExecutionPattern
+from ._definition import PipelineDefinition as PipelineDefinition
+from ._definition import RetryConfig as RetryConfig
+from ._definition import StageDefinition as StageDefinition
+from ._events import CacheHit as CacheHit
+from ._events import FanOutProgress as FanOutProgress
+from ._events import PipelineEvent as PipelineEvent
+from ._events import PoolWaited as PoolWaited
+from ._events import RunFinished as RunFinished
+from ._events import RunStarted as RunStarted
+from ._events import StageFinished as StageFinished
+from ._events import StageStarted as StageStarted
+from ._executor import PipelineExecutor as PipelineExecutor
+from ._results import PipelineResult as PipelineResult
+from ._results import StageResult as StageResult
+from ._results import StageStatus as StageStatus
+from ._results import cancelled_result as cancelled_result
+from ._results import failure_result as failure_result
+from ._results import skipped_result as skipped_result
+from ._results import success_result as success_result
+from ._stage import PipelineStage as PipelineStage
+from ._stage import stage as stage
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "CacheHit",
+    "ExecutionPattern",
+    "FanOutProgress",
+    "PipelineContext",
+    "PipelineDefinition",
+    "PipelineEvent",
+    "PipelineExecutor",
+    "PipelineResult",
+    "PipelineStage",
+    "PoolWaited",
+    "RetryConfig",
+    "RunFinished",
+    "RunStarted",
+    "StageDefinition",
+    "StageFinished",
+    "StageResult",
+    "StageStarted",
+    "StageStatus",
+    "__version__",
+    "cancelled_result",
+    "current_context",
+    "failure_result",
+    "skipped_result",
+    "stage",
+    "success_result",
+]
