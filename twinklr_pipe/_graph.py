@@ -15,12 +15,16 @@ if TYPE_CHECKING:
 
 __all__ = ["dependants", "downstream", "find_cycle", "topological_order", "validate"]
 
+#: Unknown input names that get a "did you mean" hint; the rest are listed without one.
+_MAX_HINTED_NAMES = 5
+
 
 def validate(pipeline: PipelineDefinition) -> list[str]:
     """Every problem of a definition, grouped by kind in a fixed order.
 
-    Duplicate ids, unknown inputs, cycles, no entry point, FAN_OUT problems, then
-    non-positive limits.
+    Duplicate ids, unknown inputs, cycles, no entry point, FAN_OUT problems,
+    non-positive limits, then CONDITIONAL stages without a condition and stage
+    objects without ``execute``.
     """
     from ._definition import ExecutionPattern
 
@@ -38,12 +42,22 @@ def validate(pipeline: PipelineDefinition) -> list[str]:
     if duplicates:
         problems.append(f"Duplicate stage IDs: {', '.join(duplicates)}")
 
+    # A "did you mean" hint costs O(stages) per name, so each unknown name gets one
+    # look-up, and only the first few names do: a typo shared by thousands of stages
+    # must not make validation quadratic.
+    hints: dict[str, str] = {}
+    known_sorted: list[str] | None = None
     for s in stages:
         for dep in s.inputs:
             if dep not in seen:
-                hint = difflib.get_close_matches(dep, sorted(seen), n=1)
-                suffix = f" (did you mean '{hint[0]}'?)" if hint else ""
-                problems.append(f"Stage '{s.id}' depends on unknown stage '{dep}'{suffix}")
+                if dep not in hints:
+                    hints[dep] = ""
+                    if len(hints) <= _MAX_HINTED_NAMES:
+                        if known_sorted is None:
+                            known_sorted = sorted(seen)
+                        match = difflib.get_close_matches(dep, known_sorted, n=1)
+                        hints[dep] = f" (did you mean '{match[0]}'?)" if match else ""
+                problems.append(f"Stage '{s.id}' depends on unknown stage '{dep}'{hints[dep]}")
 
     edges = {s.id: [d for d in s.inputs if d in seen] for s in stages}
     cycle = find_cycle(edges)
@@ -68,17 +82,6 @@ def validate(pipeline: PipelineDefinition) -> list[str]:
                     f"Stage '{s.id}' is FAN_OUT with several inputs {list(s.inputs)}; "
                     "set fan_out_over to the input to fan out over"
                 )
-        if s.pattern is ExecutionPattern.CONDITIONAL and s.condition is None:
-            problems.append(
-                f"Stage '{s.id}' is CONDITIONAL but has no condition; pass condition=..."
-            )
-        if s.condition is not None and not callable(s.condition):
-            problems.append(f"Stage '{s.id}': condition must be callable")
-        if not callable(getattr(s.stage, "execute", None)):
-            problems.append(
-                f"Stage '{s.id}': {type(s.stage).__qualname__} object has no execute() method; "
-                "pass a PipelineStage (an object with name and execute) or use @stage"
-            )
 
     for s in stages:
         if s.timeout_ms is not None and not s.timeout_ms > 0:
@@ -102,6 +105,20 @@ def validate(pipeline: PipelineDefinition) -> list[str]:
                 )
             if not 0 <= rc.jitter <= 1:
                 problems.append(f"Stage '{s.id}': retry jitter must be between 0 and 1")
+
+    # Kinds beyond the documented ones come last, so each kind stays one group.
+    for s in stages:
+        if s.pattern is ExecutionPattern.CONDITIONAL and s.condition is None:
+            problems.append(
+                f"Stage '{s.id}' is CONDITIONAL but has no condition; pass condition=..."
+            )
+        if s.condition is not None and not callable(s.condition):
+            problems.append(f"Stage '{s.id}': condition must be callable")
+        if not callable(getattr(s.stage, "execute", None)):
+            problems.append(
+                f"Stage '{s.id}': {type(s.stage).__qualname__} object has no execute() method; "
+                "pass a PipelineStage (an object with name and execute) or use @stage"
+            )
     return problems
 
 

@@ -15,7 +15,10 @@ def delay_ms(config: RetryConfig, failed_attempt: int, rng: random.Random | None
     ``initial_delay_ms * backoff_multiplier ** (failed_attempt - 1)``, capped at
     ``max_delay_ms``, then spread uniformly by ± ``jitter`` of itself.
     """
-    base = config.initial_delay_ms * config.backoff_multiplier ** (failed_attempt - 1)
+    try:
+        base = config.initial_delay_ms * config.backoff_multiplier ** (failed_attempt - 1)
+    except OverflowError:  # past the float range after many attempts: the cap applies
+        base = config.max_delay_ms if config.initial_delay_ms > 0 else 0.0
     base = min(base, config.max_delay_ms)
     if config.jitter:
         spread = base * config.jitter
