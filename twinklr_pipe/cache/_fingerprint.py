@@ -595,6 +595,7 @@ _ENC[FileInput] = _enc_file
 _FileSig: TypeAlias = tuple[int, int, int, int, int]
 _FILE_MEMO: dict[str, tuple[_FileSig, bytes]] = {}
 _FILE_MEMO_LOCK = threading.Lock()
+_now_ns = time.time_ns  # the clock of the racy-timestamp rule (tests replace it)
 
 
 def _file_sig(st: os.stat_result) -> _FileSig:
@@ -624,7 +625,7 @@ def _file_content_digest(path: pathlib.Path) -> bytes:
     sig = _file_sig(st)
     # Racy-timestamp rule (as git's): a file modified within 2 s of this stat may change
     # again without its size or mtime changing, so the memo is neither used nor written.
-    racy = time.time_ns() - st.st_mtime_ns < _RACY_NS
+    racy = _now_ns() - st.st_mtime_ns < _RACY_NS
     if not racy:
         with _FILE_MEMO_LOCK:
             hit = _FILE_MEMO.get(abspath)
