@@ -702,7 +702,8 @@ def _numpy() -> Any:
 def _npy_bytes(arr: Any) -> bytes:
     """An ``.npy`` file of ``arr``: header, then the C-order buffer (one copy)."""
     np = _numpy()
-    arr = np.ascontiguousarray(arr)
+    if not arr.flags.c_contiguous:
+        arr = arr.copy(order="C")  # not ascontiguousarray: it turns 0-d arrays into 1-d
     header = io.BytesIO()
     np.lib.format.write_array_header_2_0(header, np.lib.format.header_data_from_array_1_0(arr))
     return b"".join([header.getvalue(), memoryview(arr.reshape(-1).view(np.uint8))])
