@@ -1,0 +1,600 @@
+"""The CacheStore contract, run on both stores, then what only DiskCacheStore promises."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import pickle
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import diskcache
+import pytest
+import xxhash
+
+from twinklr_pipe.cache import _store
+from twinklr_pipe.cache._entry import CACHE_FORMAT_VERSION, CacheStore, EntryMeta
+from twinklr_pipe.cache._store import DiskCacheStore, MemoryStore
+from twinklr_pipe.errors import CacheFormatError, StoreError
+
+KEY = "3f9a1c2e" + "0" * 24
+BIG = 2**16  # over diskcache's disk_min_file_size (32 KiB): stored in a file
+
+
+def meta_for(
+    payload: bytes,
+    key: str = KEY,
+    variant: str = "0",
+    used: float = 1000.0,
+    stage: str = "parse",
+) -> EntryMeta:
+    return EntryMeta(
+        key=key,
+        variant=variant,
+        stage_id=stage,
+        codec="json/1",
+        payload_checksum=xxhash.xxh3_128_hexdigest(payload),
+        size_bytes=len(payload),
+        created_at=used,
+        last_used_at=used,
+        config_fields={"model": "m1"},
+        metrics={"tokens": 12},
+    )
+
+
+def put(store: Any, payload: bytes = b"payload", **kwargs: Any) -> EntryMeta:
+    meta = meta_for(payload, **kwargs)
+    store.put(meta, payload)
+    return meta
+
+
+@pytest.fixture(params=["memory", "disk"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    made: Any = MemoryStore() if request.param == "memory" else DiskCacheStore(tmp_path / "c")
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[DiskCacheStore]:
+    made = DiskCacheStore(tmp_path / "c")
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def warnings_(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.WARNING, logger="twinklr_pipe")
+    return caplog
+
+
+def warning_text(caplog: pytest.LogCaptureFixture) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+
+
+class TestContract:
+    """Every CacheStore behaves the same."""
+
+    def test_is_a_cache_store(self, store: Any) -> None:
+        """Both stores satisfy the runtime-checkable protocol."""
+        assert isinstance(store, CacheStore)
+
+    def test_round_trip(self, store: Any) -> None:
+        """What is put comes back equal, metadata and payload."""
+        meta = put(store, b"\x00binary\xff" * 10)
+        found = store.get(meta.entry_id)
+        assert found == (meta, b"\x00binary\xff" * 10)
+        assert store.get_meta(meta.entry_id) == meta
+
+    def test_big_and_empty_payloads_round_trip(self, store: Any) -> None:
+        """Payloads stored in files and empty payloads come back whole."""
+        big = os.urandom(BIG)
+        meta_big = put(store, big, variant="big")
+        meta_empty = put(store, b"", variant="empty")
+        assert store.get(meta_big.entry_id) == (meta_big, big)
+        assert store.get(meta_empty.entry_id) == (meta_empty, b"")
+
+    def test_missing_entry_is_none(self, store: Any) -> None:
+        """Unknown ids miss."""
+        assert store.get("nope.0") is None
+        assert store.get_meta("nope.0") is None
+        assert store.variants("nope") == []
+
+    def test_put_fills_checksum_and_size(self, store: Any) -> None:
+        """A meta without checksum gets one, and size_bytes is the payload length."""
+        store.put(EntryMeta(key=KEY, stage_id="parse"), b"12345")
+        meta = store.get_meta(f"{KEY}.0")
+        assert meta.payload_checksum == xxhash.xxh3_128_hexdigest(b"12345")
+        assert meta.size_bytes == 5
+
+    def test_put_rejects_a_wrong_checksum_and_non_bytes(self, store: Any) -> None:
+        """A checksum that does not match the payload is a caller bug: nothing is stored."""
+        meta = meta_for(b"one")
+        with pytest.raises(ValueError, match="payload_checksum of the entry of stage 'parse'"):
+            store.put(meta, b"two")
+        with pytest.raises(TypeError, match="bytes"):
+            store.put(meta, bytearray(b"one"))
+        assert store.get(meta.entry_id) is None
+
+    def test_put_replaces_the_same_entry_id(self, store: Any) -> None:
+        """A second put of an id replaces the first."""
+        put(store, b"old" * 20_000)
+        meta = put(store, b"new", used=2000.0)
+        assert store.get(meta.entry_id) == (meta, b"new")
+        assert [m.variant for m in store.variants(KEY)] == ["0"]
+        assert store.size() == 3
+
+    def test_variants_most_recently_used_first(self, store: Any) -> None:
+        """variants() orders by last_used_at, newest first, and only for that key."""
+        for variant, used in [("a", 10.0), ("b", 30.0), ("c", 20.0)]:
+            put(store, variant=variant, used=used)
+        put(store, key=KEY + ".x", variant="z")  # entry id KEY.x.z: not a variant of KEY
+        put(store, key="other", variant="a")
+        assert [m.variant for m in store.variants(KEY)] == ["b", "c", "a"]
+        assert [m.variant for m in store.variants(KEY + ".x")] == ["z"]
+
+    def test_a_fifth_variant_drops_the_least_recently_used(self, store: Any) -> None:
+        """At most four variants per key; the new one is kept even if it is the oldest."""
+        for index, variant in enumerate("abcd"):
+            put(store, variant=variant, used=100.0 + index)
+        put(store, variant="e", used=1.0)
+        assert sorted(m.variant for m in store.variants(KEY)) == ["b", "c", "d", "e"]
+        assert store.get(f"{KEY}.a") is None
+        put(store, variant="f", used=500.0)  # now "e" is the least recently used
+        assert sorted(m.variant for m in store.variants(KEY)) == ["b", "c", "d", "f"]
+
+    def test_touch_sets_last_used(self, store: Any) -> None:
+        """touch() updates last_used_at of existing entries and ignores missing ones."""
+        put(store, variant="a", used=10.0)
+        put(store, variant="b", used=20.0)
+        store.touch([f"{KEY}.a", "missing.0"], 99.0)
+        assert [(m.variant, m.last_used_at) for m in store.variants(KEY)] == [
+            ("a", 99.0),
+            ("b", 20.0),
+        ]
+        store.touch([], 5.0)
+
+    def test_touch_decides_which_variant_is_dropped(self, store: Any) -> None:
+        """A touched variant survives the cap; the untouched oldest goes."""
+        for index, variant in enumerate("abcd"):
+            put(store, variant=variant, used=100.0 + index)
+        store.touch([f"{KEY}.a"], 900.0)
+        put(store, variant="e", used=1000.0)
+        assert sorted(m.variant for m in store.variants(KEY)) == ["a", "c", "d", "e"]
+
+    def test_delete(self, store: Any) -> None:
+        """delete() removes an entry and says whether it existed."""
+        meta = put(store, b"x" * BIG)
+        assert store.delete(meta.entry_id) is True
+        assert store.delete(meta.entry_id) is False
+        assert store.get(meta.entry_id) is None
+        assert store.size() == 0
+
+    def test_iter_metadata_and_size(self, store: Any) -> None:
+        """iter_metadata() yields every entry once; size() sums the payloads."""
+        metas = [put(store, b"p" * n, key=f"{n:032x}") for n in (0, 10, BIG)]
+        assert sorted(store.iter_metadata(), key=lambda m: m.key) == metas
+        assert store.size() == 10 + BIG
+
+    def test_lock_excludes_a_second_holder(self, store: Any) -> None:
+        """While one thread holds lock(key), another blocks until it is released."""
+        acquired = threading.Event()
+
+        def second() -> None:
+            with store.lock(KEY):
+                acquired.set()
+
+        with store.lock(KEY):
+            thread = threading.Thread(target=second)
+            thread.start()
+            assert not acquired.wait(0.3)
+            with store.lock("another key"):  # other keys are independent
+                pass
+        assert acquired.wait(10)
+        thread.join(10)
+
+
+class TestDiskLayout:
+    """Directory creation, FORMAT marker and opening errors."""
+
+    def test_directory_is_created_owner_only_with_marker(self, tmp_path: Path) -> None:
+        """A new directory is 0o700 and gets a FORMAT marker."""
+        with DiskCacheStore(tmp_path / "a" / "cache") as made:
+            assert made.directory == tmp_path / "a" / "cache"
+            assert made.format_version == CACHE_FORMAT_VERSION
+        directory = tmp_path / "a" / "cache"
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+        marker = json.loads((directory / "FORMAT").read_text())
+        assert marker == {"format": CACHE_FORMAT_VERSION, "library": "twinklr_pipe"}
+        assert (directory / "store" / "cache.db").is_file()
+
+    def test_existing_directory_keeps_its_permissions(self, tmp_path: Path) -> None:
+        """A user's existing directory is not chmod-ed."""
+        directory = tmp_path / "mine"
+        directory.mkdir(mode=0o755)
+        os.chmod(directory, 0o755)
+        DiskCacheStore(directory).close()
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o755
+
+    def test_reopen_sees_entries(self, tmp_path: Path) -> None:
+        """Entries survive closing and reopening."""
+        with DiskCacheStore(tmp_path / "c") as first:
+            meta = put(first, b"x" * BIG)
+        with DiskCacheStore(tmp_path / "c") as second:
+            assert second.get(meta.entry_id) == (meta, b"x" * BIG)
+
+    def test_a_file_is_not_a_directory(self, tmp_path: Path) -> None:
+        """A path that is a file raises StoreError naming it."""
+        path = tmp_path / "cache"
+        path.write_text("not a dir")
+        with pytest.raises(StoreError, match=f"Cache directory {path} is a file"):
+            DiskCacheStore(path)
+
+    def test_newer_format_is_refused_untouched(self, tmp_path: Path) -> None:
+        """A marker from a newer format raises CacheFormatError and changes nothing."""
+        directory = tmp_path / "c"
+        directory.mkdir()
+        newer = json.dumps({"format": CACHE_FORMAT_VERSION + 1, "library": "twinklr_pipe"})
+        (directory / "FORMAT").write_text(newer)
+        with pytest.raises(CacheFormatError) as info:
+            DiskCacheStore(directory)
+        assert (info.value.found, info.value.supported) == (CACHE_FORMAT_VERSION + 1, 1)
+        assert f"store format {CACHE_FORMAT_VERSION + 1}" in str(info.value)
+        assert f"reads format {CACHE_FORMAT_VERSION} or older" in str(info.value)
+        assert os.listdir(directory) == ["FORMAT"]
+        assert (directory / "FORMAT").read_text() == newer
+
+    @pytest.mark.parametrize(
+        "garbled",
+        [
+            b"not json",
+            b'{"format": 1, "libr',
+            b"\x00" * 44,
+            b"",
+            b'{"library": "twinklr_pipe"}',
+            b'{"format": "1", "library": "twinklr_pipe"}',
+            b'{"format": 0, "library": "twinklr_pipe"}',
+            b'{"format": 1}',
+            b"[1]",
+        ],
+    )
+    def test_garbled_marker_is_repaired(
+        self, tmp_path: Path, garbled: bytes, warnings_: pytest.LogCaptureFixture
+    ) -> None:
+        """Damage is not a newer format: the marker is rewritten, entries are kept."""
+        with DiskCacheStore(tmp_path / "c") as first:
+            meta = put(first)
+        (tmp_path / "c" / "FORMAT").write_bytes(garbled)
+        with DiskCacheStore(tmp_path / "c") as second:
+            assert second.get(meta.entry_id) is not None
+        assert "Cache format marker" in warning_text(warnings_)
+        assert json.loads((tmp_path / "c" / "FORMAT").read_bytes())["format"] == 1
+
+    def test_closed_store_raises(self, disk: DiskCacheStore) -> None:
+        """Using a closed store is a StoreError, not a silent reopen."""
+        disk.close()
+        disk.close()
+        with pytest.raises(StoreError, match="closed"):
+            disk.get("x.0")
+        with pytest.raises(StoreError, match="closed"):
+            put(disk)
+
+
+def value_files(store: DiskCacheStore) -> list[Path]:
+    return sorted((store.directory / "store").glob("*/*/*.val"))
+
+
+def raw_sql(store: DiskCacheStore, statement: str, params: tuple[Any, ...] = ()) -> None:
+    con = sqlite3.connect(store.directory / "store" / "cache.db")
+    with con:
+        con.execute(statement, params)
+    con.close()
+
+
+class TestDiskIntegrity:
+    """Corrupt entries are misses, evicted with a warning; nothing is ever unpickled."""
+
+    @pytest.mark.parametrize("damage", ["edit", "truncate", "delete"])
+    def test_damaged_payload_file_is_a_miss(
+        self, disk: DiskCacheStore, warnings_: pytest.LogCaptureFixture, damage: str
+    ) -> None:
+        """An edited, truncated or missing payload file: None, a warning, entry gone."""
+        payload = os.urandom(BIG)
+        meta = put(disk, payload, stage="transcribe")
+        (path,) = (p for p in value_files(disk) if p.read_bytes() == payload)
+        if damage == "edit":
+            path.write_bytes(payload[:100] + bytes([payload[100] ^ 1]) + payload[101:])
+        elif damage == "truncate":
+            path.write_bytes(payload[: BIG // 2])
+        else:
+            path.unlink()
+        assert disk.get(meta.entry_id) is None
+        text = warning_text(warnings_)
+        assert "stage 'transcribe' (key 3f9a1c2e)" in text
+        assert disk.get_meta(meta.entry_id) is None
+        assert list(disk.iter_metadata()) == []
+
+    def test_undecodable_metadata_is_a_miss(
+        self, disk: DiskCacheStore, warnings_: pytest.LogCaptureFixture
+    ) -> None:
+        """Garbled metadata JSON: None, a warning naming the key, entry gone."""
+        meta = put(disk, b"x" * BIG)
+        raw_sql(
+            disk, "UPDATE Cache SET value = ? WHERE key = ?", (b'{"key": ', "m/" + meta.entry_id)
+        )
+        assert list(disk.iter_metadata()) == []  # skipped, not deleted, by listing
+        assert disk.get(meta.entry_id) is None
+        assert "key 3f9a1c2e" in warning_text(warnings_)
+        assert disk.size() == 0
+        assert value_files(disk) == []
+
+    def test_metadata_of_another_entry_is_a_miss(self, disk: DiskCacheStore) -> None:
+        """A metadata row that names another entry is not trusted."""
+        meta = put(disk, variant="a")
+        other = meta_for(b"payload", variant="b").model_dump_json().encode()
+        raw_sql(disk, "UPDATE Cache SET value = ? WHERE key = ?", (other, "m/" + meta.entry_id))
+        assert disk.get(meta.entry_id) is None
+        assert disk.variants(KEY) == []
+
+    def test_metadata_without_payload_is_a_miss(self, disk: DiskCacheStore) -> None:
+        """Readers never see metadata without its payload."""
+        meta = put(disk)
+        raw_sql(disk, "DELETE FROM Cache WHERE key = ?", ("p/" + meta.entry_id,))
+        assert disk.get_meta(meta.entry_id) is None
+        assert disk.get(meta.entry_id) is None
+
+    @pytest.mark.parametrize("row", ["m/", "p/"])
+    @pytest.mark.parametrize("size", [10, BIG])
+    def test_planted_pickle_row_is_never_unpickled(
+        self, disk: DiskCacheStore, warnings_: pytest.LogCaptureFixture, row: str, size: int
+    ) -> None:
+        """A pickle-mode row written by diskcache's default Disk is refused, not loaded."""
+        assert diskcache.Disk("unused").fetch(4, "", pickle.dumps(Exploit(1)), False)
+        assert EXPLOITED == ["unpickled x"]  # the exploit works on diskcache's own Disk
+        EXPLOITED.clear()
+        meta = put(disk)
+        planted = diskcache.Cache(str(disk.directory / "store"))  # default Disk: pickles
+        planted.set(row + meta.entry_id, Exploit(size))
+        planted.close()
+        assert disk.get(meta.entry_id) is None
+        assert disk.get_meta(meta.entry_id) is None
+        assert disk.variants(KEY) == []
+        assert list(disk.iter_metadata()) == []
+        assert EXPLOITED == []
+        assert "mode 4, not raw bytes" in warning_text(warnings_)
+
+    def test_value_file_outside_the_store_is_never_read_or_removed(
+        self, disk: DiskCacheStore, tmp_path: Path
+    ) -> None:
+        """A row naming a file outside diskcache's layout is corrupt; the file is left alone."""
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"precious")
+        meta = put(disk, b"x" * BIG)
+        raw_sql(
+            disk,
+            "UPDATE Cache SET filename = ? WHERE key = ?",
+            ("../../victim", "p/" + meta.entry_id),
+        )
+        assert disk.get(meta.entry_id) is None
+        assert victim.read_bytes() == b"precious"
+
+    def test_entry_replaced_while_being_read_is_not_evicted(self, disk: DiskCacheStore) -> None:
+        """Eviction deletes only the rows that were read, not a newer entry."""
+        meta = put(disk, b"old")
+        con = sqlite3.connect(disk.directory / "store" / "cache.db")
+        seen = con.execute(_store._ENTRY_SQL, ("m/" + meta.entry_id, "p/" + meta.entry_id))
+        rows = seen.fetchall()
+        con.close()
+        newer = put(disk, b"new", used=2000.0)
+        cache = disk._cache
+        assert cache is not None
+        keys = ("m/" + meta.entry_id, "p/" + meta.entry_id)
+        assert disk._evict_if_unchanged(cache, *keys, rows) is False
+        assert disk.get(meta.entry_id) == (newer, b"new")
+
+
+EXPLOITED: list[str] = []
+
+
+def _record_exploit(what: str) -> str:
+    EXPLOITED.append(what)
+    return what
+
+
+class Exploit:
+    """Unpickling this calls ``_record_exploit``: the test asserts it never runs."""
+
+    def __init__(self, size: int) -> None:
+        self.padding = "x" * size
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (_record_exploit, ("unpickled " + self.padding,))
+
+
+class TestDiskDamage:
+    """A damaged database never stops the store from opening."""
+
+    @pytest.mark.parametrize("damage", ["zeroed", "truncated", "garbage header"])
+    def test_damaged_database_reopens_empty(
+        self, tmp_path: Path, warnings_: pytest.LogCaptureFixture, damage: str
+    ) -> None:
+        """The damaged store/ is moved aside, with a warning, and a fresh one opens."""
+        with DiskCacheStore(tmp_path / "c") as first:
+            for index in range(50):
+                put(first, key=f"{index:032x}")
+        db = tmp_path / "c" / "store" / "cache.db"
+        size = db.stat().st_size
+        with open(db, "r+b") as handle:
+            if damage == "zeroed":
+                handle.write(b"\x00" * size)
+            elif damage == "truncated":
+                handle.truncate(8192)
+            else:
+                handle.write(b"garbage" * 20)
+        with DiskCacheStore(tmp_path / "c") as second:
+            assert list(second.iter_metadata()) == []
+            meta = put(second)
+            assert second.get(meta.entry_id) is not None
+        assert "was damaged" in warning_text(warnings_)
+        assert len(list((tmp_path / "c").glob("store.damaged-*"))) == 1
+
+    def test_damage_found_while_running_is_repaired_at_next_open(
+        self, tmp_path: Path, warnings_: pytest.LogCaptureFixture
+    ) -> None:
+        """Pages damaged past the probe: misses and a StoreError, then a fresh store."""
+        with DiskCacheStore(tmp_path / "c") as first:
+            metas = [put(first, b"p" * 300, key=f"{index:032x}") for index in range(300)]
+        db = tmp_path / "c" / "store" / "cache.db"
+        with open(db, "r+b") as handle:
+            handle.seek(4096 * 20)
+            handle.write(b"\xa5" * 4096)
+        with DiskCacheStore(tmp_path / "c") as second:
+            for meta in metas:  # every answer is right or a miss; none raises
+                assert second.get(meta.entry_id) in (None, (meta, b"p" * 300))
+            with pytest.raises(StoreError, match="damaged"):
+                list(second.iter_metadata())
+            with pytest.raises(StoreError, match="damaged"):
+                put(second)
+            assert (tmp_path / "c" / "DAMAGED").exists()
+        with DiskCacheStore(tmp_path / "c") as third:
+            assert list(third.iter_metadata()) == []
+            assert not (tmp_path / "c" / "DAMAGED").exists()
+        assert "lookups miss and writes fail" in warning_text(warnings_)
+
+    def test_damaged_store_in_use_elsewhere_is_not_moved(
+        self, tmp_path: Path, warnings_: pytest.LogCaptureFixture
+    ) -> None:
+        """While another store has it open, a damaged store/ stays: caching is off."""
+        holder = DiskCacheStore(tmp_path / "c")
+        (tmp_path / "c" / "DAMAGED").write_text("test damage")
+        try:
+            with DiskCacheStore(tmp_path / "c") as second:
+                assert second.get("x.0") is None
+                with pytest.raises(StoreError, match="damaged"):
+                    put(second)
+            assert list((tmp_path / "c").glob("store.damaged-*")) == []
+        finally:
+            holder.close()
+        with DiskCacheStore(tmp_path / "c") as third:
+            put(third)
+        assert len(list((tmp_path / "c").glob("store.damaged-*"))) == 1
+
+
+class TestDiskWrites:
+    """Write failures become StoreError; entries are written whole or not at all."""
+
+    def test_disk_full_is_a_store_error(
+        self, disk: DiskCacheStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An OSError while writing becomes StoreError naming the directory and the error."""
+
+        def full(*args: Any, **kwargs: Any) -> Any:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(disk._disk, "_write", full)
+        with pytest.raises(StoreError, match="No space left on device") as info:
+            put(disk, b"x" * BIG)
+        assert str(disk.directory) in str(info.value)
+        assert "stage 'parse' (key 3f9a1c2e)" in str(info.value)
+        assert isinstance(info.value.__cause__, OSError)
+
+    def test_failure_inside_the_transaction_leaves_nothing(
+        self, disk: DiskCacheStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Metadata written, payload fails: rolled back, files removed, entry absent."""
+        old = put(disk, b"o" * BIG)
+        real = _store._write_row
+        calls: list[str] = []
+
+        def payload_fails(con: Any, key: str, *args: Any) -> None:
+            calls.append(key)
+            if key.startswith("p/"):
+                raise sqlite3.OperationalError("database or disk is full")
+            real(con, key, *args)
+
+        monkeypatch.setattr(_store, "_write_row", payload_fails)
+        with pytest.raises(StoreError, match="database or disk is full"):
+            put(disk, b"n" * BIG, used=5000.0)
+        assert calls == ["m/" + old.entry_id, "p/" + old.entry_id]
+        monkeypatch.undo()
+        assert disk.get(old.entry_id) == (old, b"o" * BIG)
+        assert len(value_files(disk)) == 1
+        put(disk, key="after")  # the connection is usable again
+
+    def test_locked_database_is_a_store_error(self, tmp_path: Path) -> None:
+        """Another writer holding the database past the timeout: StoreError, quickly."""
+        with DiskCacheStore(tmp_path / "c", timeout=0.1) as made:
+            con = sqlite3.connect(tmp_path / "c" / "store" / "cache.db", isolation_level=None)
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                with pytest.raises(StoreError, match=r"locked for more than 0\.1s"):
+                    put(made)
+                assert made.get(f"{KEY}.0") is None  # readers are not blocked
+            finally:
+                con.execute("ROLLBACK")
+                con.close()
+            put(made)
+
+    def test_two_stores_share_one_directory(self, tmp_path: Path) -> None:
+        """Entries written through one store are read through another, and locks exclude."""
+        with DiskCacheStore(tmp_path / "c") as one, DiskCacheStore(tmp_path / "c") as two:
+            meta = put(one, b"shared" * 10_000)
+            assert two.get(meta.entry_id) == (meta, b"shared" * 10_000)
+            acquired = threading.Event()
+
+            def take() -> None:
+                with two.lock(KEY):
+                    acquired.set()
+
+            with one.lock(KEY):
+                thread = threading.Thread(target=take)
+                thread.start()
+                assert not acquired.wait(0.3)
+            assert acquired.wait(10)
+            thread.join(10)
+            assert (tmp_path / "c" / "locks" / f"{KEY}.lock").exists()
+
+    def test_sigkill_leaves_whole_entries_or_none(
+        self, tmp_path: Path, warnings_: pytest.LogCaptureFixture
+    ) -> None:
+        """A writer killed at a random instant leaves only whole, valid entries."""
+        script = (
+            "import sys, os, xxhash\n"
+            "from twinklr_pipe.cache._store import DiskCacheStore\n"
+            "from twinklr_pipe.cache._entry import EntryMeta\n"
+            "store = DiskCacheStore(sys.argv[1])\n"
+            "print('ready', flush=True)\n"
+            "i = 0\n"
+            "while True:\n"
+            "    payload = os.urandom(40_000 if i % 2 else 100)\n"
+            "    store.put(EntryMeta(key=f'{i % 300:032x}', variant=str(i % 6),\n"
+            "              payload_checksum=xxhash.xxh3_128_hexdigest(payload),\n"
+            "              last_used_at=i), payload)\n"
+            "    i += 1\n"
+        )
+        writer = subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path / "c")], stdout=subprocess.PIPE
+        )
+        assert writer.stdout is not None
+        assert writer.stdout.readline() == b"ready\n"
+        time.sleep(0.5)
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(10)
+        writer.stdout.close()
+        with DiskCacheStore(tmp_path / "c") as reader:
+            metas = list(reader.iter_metadata())
+            assert metas
+            for meta in metas:
+                assert reader.get(meta.entry_id) is not None
+                assert len(reader.variants(meta.key)) <= 4
+        assert warning_text(warnings_) == ""

@@ -1,0 +1,1187 @@
+"""Cache stores: ``MemoryStore`` in process, ``DiskCacheStore`` on diskcache.
+
+Layout of a ``DiskCacheStore`` directory::
+
+    <directory>/                      created 0o700 when missing
+        FORMAT                        {"format": 1, "library": "twinklr_pipe"}, replaced atomically
+        store/                        the diskcache directory: cache.db and large values' files
+        store.lock                    flock: shared by every open store, exclusive while a
+                                      damaged store/ is moved aside
+        DAMAGED                       left by a store that found cache.db damaged while running;
+                                      the next open moves store/ aside
+        store.damaged-<time>-<pid>/   a damaged store/ moved aside (safe to delete)
+        locks/<key>.lock              per-key flock files of ``DiskCacheStore.lock``
+
+One entry is two rows of diskcache's ``Cache`` table, written in one transaction::
+
+    m/<key>.<variant>    the EntryMeta as JSON bytes
+    p/<key>.<variant>    the payload bytes
+
+Keys are ``str`` stored raw and values are ``bytes``: nothing is ever pickled or
+unpickled (see ``_BytesDisk``). Reads go straight to the ``Cache`` table through the
+calling thread's SQLite connection, a private diskcache API (pinned ``diskcache>=5.6``):
+the public API costs one query per row, and ``pipe cache ls`` must list 100,000
+entries in well under a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import diskcache
+import xxhash
+from pydantic import ValidationError
+from pydantic_core import SchemaValidator, core_schema
+
+from twinklr_pipe.cache._entry import CACHE_FORMAT_VERSION, EntryMeta
+from twinklr_pipe.errors import CacheFormatError, StoreError
+
+__all__ = ["DiskCacheStore", "MemoryStore"]
+
+_log = logging.getLogger("twinklr_pipe")
+
+#: A key keeps at most this many variants; ``put`` drops the least recently used.
+MAX_VARIANTS: Final = 4
+
+_META: Final = "m/"
+_PAYLOAD: Final = "p/"
+#: Upper bounds of the two key ranges: "0" is the character after "/".
+_META_END: Final = "m0"
+_PAYLOAD_END: Final = "p0"
+
+_MARKER_NAME: Final = "FORMAT"
+_LIBRARY: Final = "twinklr_pipe"
+_STORE_NAME: Final = "store"
+_STORE_LOCK_NAME: Final = "store.lock"
+_DAMAGED_NAME: Final = "DAMAGED"
+_LOCKS_NAME: Final = "locks"
+
+#: Metadata rows read per query by ``iter_metadata``.
+_PAGE_ROWS: Final = 2000
+
+_MODE_RAW: Final = 1  # diskcache.core.MODE_RAW: bytes inline in the ``value`` column
+_MODE_BINARY: Final = 2  # diskcache.core.MODE_BINARY: bytes in a file named by ``filename``
+
+#: diskcache settings; they are stored in cache.db and re-applied on every open.
+_DISKCACHE_SETTINGS: Final[dict[str, Any]] = {
+    # An entry is two rows: diskcache must never evict one without the other.
+    "eviction_policy": "none",
+    "cull_limit": 0,
+    # Statistics would turn every read into a write transaction.
+    "statistics": 0,
+    "tag_index": 0,
+}
+
+# SQLite result codes (primary code = extended code & 0xFF) that mean a damaged file.
+_SQLITE_CORRUPT: Final = 11
+_SQLITE_NOTADB: Final = 26
+
+# diskcache names value files "<2 hex>/<2 hex>/<28 hex>.val" (``Disk.filename``). Anything
+# else in the ``filename`` column is damage, and must never be read or removed.
+_VALUE_FILE = re.compile(r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{28}\.val")
+_SAFE_LOCK_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+
+_ENTRY_SQL: Final = "SELECT key, mode, filename, value FROM Cache WHERE key IN (?, ?) AND raw = 1"
+# The payload row's value is not read: only its presence matters.
+_ENTRY_META_SQL: Final = (
+    "SELECT key, mode, filename, CASE WHEN key = ?1 THEN value END"
+    " FROM Cache WHERE key IN (?1, ?2) AND raw = 1"
+)
+_META_ROW_SQL: Final = "SELECT key, mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
+_RANGE_SQL: Final = (
+    "SELECT key, mode, filename, value FROM Cache WHERE key >= ? AND key < ? AND raw = 1"
+)
+_PAGE_SQL: Final = (
+    "SELECT key, mode, filename, value FROM Cache"
+    f" WHERE key > ? AND key < '{_META_END}' AND raw = 1 ORDER BY key LIMIT {_PAGE_ROWS}"
+)
+_SIZE_SQL: Final = (
+    "SELECT COALESCE(SUM(CASE WHEN mode = 2 THEN size ELSE length(value) END), 0)"
+    f" FROM Cache WHERE key >= '{_PAYLOAD}' AND key < '{_PAYLOAD_END}' AND raw = 1"
+)
+_FILENAMES_SQL: Final = "SELECT filename FROM Cache WHERE key IN (?, ?) AND raw = 1"
+_DELETE_SQL: Final = "DELETE FROM Cache WHERE key IN (?, ?) AND raw = 1"
+_ROW_SQL: Final = "SELECT rowid, filename FROM Cache WHERE key = ? AND raw = 1"
+_UPDATE_SQL: Final = (
+    "UPDATE Cache SET store_time = ?, expire_time = NULL, access_time = ?, access_count = 0,"
+    " tag = NULL, size = ?, mode = ?, filename = ?, value = ? WHERE rowid = ?"
+)
+_INSERT_SQL: Final = (
+    "INSERT INTO Cache(key, raw, store_time, expire_time, access_time, access_count, tag,"
+    " size, mode, filename, value) VALUES (?, 1, ?, NULL, ?, 0, NULL, ?, ?, ?, ?)"
+)
+# A healthy database answers these without touching much of the file; a zeroed or
+# truncated one fails here, at open, rather than in the middle of a run.
+_PROBE_SQL: Final = (
+    "SELECT COUNT(*) FROM Settings",
+    f"SELECT key, mode FROM Cache WHERE key >= '{_META}' AND raw = 1 ORDER BY key LIMIT 1",
+    "SELECT key, mode FROM Cache ORDER BY rowid DESC LIMIT 1",
+)
+
+#: Validates a JSON array of metadata records in one call: ~30% faster than one
+#: ``model_validate_json`` per record when listing the whole cache.
+_META_LIST: Final = SchemaValidator(core_schema.list_schema(EntryMeta.__pydantic_core_schema__))
+
+_Row = tuple[str, int, str | None, Any]
+_Columns = tuple[int, int, str | None, Any]
+
+
+class _CorruptRow(Exception):
+    """A row that cannot be read as one of our entries; the message says why."""
+
+
+class _DamagedDatabase(Exception):
+    """cache.db is damaged (SQLite reports a corrupt file or not a database)."""
+
+
+def _is_damage(exc: BaseException) -> bool:
+    """Whether an SQLite error means a damaged database file (not a busy or full one)."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    text = str(exc)
+    return "malformed" in text or "not a database" in text
+
+
+def _fetch_bytes(root: str, mode: int, filename: str | None, value: Any) -> bytes:
+    """Return a row's bytes, refusing anything but raw bytes (never unpickles).
+
+    Raises:
+        _CorruptRow: the row holds a pickle, text, a number or a bad file name.
+        OSError: the value's file cannot be read.
+    """
+    if mode == _MODE_RAW and type(value) is bytes:
+        return value
+    if mode == _MODE_BINARY and value is None and filename is not None:
+        if _VALUE_FILE.fullmatch(filename) is None:
+            raise _CorruptRow(f"its value file name {filename!r} is not one diskcache makes")
+        with open(os.path.join(root, filename), "rb") as reader:
+            return reader.read()
+    raise _CorruptRow(f"its row holds a value of mode {mode}, not raw bytes")
+
+
+class _BytesDisk(diskcache.Disk):
+    """A ``diskcache.Disk`` for ``str`` keys and ``bytes`` values, and nothing else.
+
+    diskcache's default ``Disk`` pickles any other value and unpickles any row stored in
+    pickle mode, so a planted row could run code. This one refuses to store anything but
+    bytes and to fetch anything but raw bytes, and removes only files it could have made.
+    """
+
+    def __init__(self, directory: str, **kwargs: Any) -> None:
+        super().__init__(directory, **kwargs)
+        self._root = directory
+
+    def put(self, key: Any) -> tuple[str, bool]:  # type: ignore[override]  # stubs overload
+        if type(key) is not str:
+            raise TypeError(f"cache keys must be str, not {type(key).__name__}")
+        return key, True
+
+    def get(self, key: Any, raw: bool) -> str:  # type: ignore[override]  # stubs overload
+        if raw and type(key) is str:
+            return key
+        raise _CorruptRow("its key is not a raw str")
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.UNKNOWN) -> _Columns:  # type: ignore[override]  # stubs overload
+        if read or type(value) is not bytes:
+            raise TypeError(f"cache values must be bytes, not {type(value).__name__}")
+        columns: _Columns = super().store(value, False, key=key)
+        return columns
+
+    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> bytes:  # type: ignore[override]  # stubs overload
+        if read:
+            raise TypeError("reading cache values as files is not supported")
+        return _fetch_bytes(self._root, mode, filename, value)
+
+    def remove(self, file_path: Any) -> None:
+        if isinstance(file_path, str) and _VALUE_FILE.fullmatch(file_path):
+            super().remove(file_path)
+
+
+class _Cache(diskcache.Cache):
+    """A ``diskcache.Cache`` that closes its connection when opening fails.
+
+    ``Cache.__init__`` queries the database; when that raises (a damaged file), the
+    half-built cache would keep its SQLite connection open until collected, and the
+    damaged files must not be moved while a connection is open.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.close()
+            raise
+
+
+def _connection(cache: diskcache.Cache) -> sqlite3.Connection:
+    """The calling thread's SQLite connection of ``cache`` (diskcache private API)."""
+    # diskcache>=5.6: ``Cache._con`` opens one connection per thread (and per process
+    # after a fork) and applies the cache's pragmas to it.
+    con: sqlite3.Connection = cache._con  # type: ignore[attr-defined]  # private, see above
+    return con
+
+
+def _dump_meta(meta: EntryMeta) -> bytes:
+    return EntryMeta.__pydantic_serializer__.to_json(meta)
+
+
+def _checked_for_put(meta: EntryMeta, payload: bytes) -> EntryMeta:
+    """Validate an entry before storing it; fill ``payload_checksum`` and ``size_bytes``.
+
+    Raises:
+        TypeError: ``payload`` is not ``bytes``.
+        ValueError: the key or variant is empty, or ``payload_checksum`` does not
+            match the payload.
+    """
+    if type(payload) is not bytes:
+        raise TypeError(f"cache payloads must be bytes, not {type(payload).__name__}")
+    if not meta.key or not meta.variant:
+        raise ValueError(f"cache entry {meta.entry_id!r} needs a non-empty key and variant")
+    checksum = xxhash.xxh3_128_hexdigest(payload)
+    if meta.payload_checksum and meta.payload_checksum != checksum:
+        raise ValueError(
+            f"payload_checksum of the entry of stage '{meta.stage_id}' (key {meta.key[:8]}) "
+            f"is {meta.payload_checksum[:8]}, but the payload hashes to {checksum[:8]}"
+        )
+    updates: dict[str, Any] = {}
+    if not meta.payload_checksum:
+        updates["payload_checksum"] = checksum
+    if meta.size_bytes != len(payload):
+        updates["size_bytes"] = len(payload)
+    return meta.model_copy(update=updates) if updates else meta
+
+
+def _try_decode(data: bytes) -> EntryMeta | None:
+    try:
+        return EntryMeta.model_validate_json(data)
+    except ValidationError:
+        return None
+
+
+def _recency(meta: EntryMeta) -> tuple[float, float, str]:
+    return (meta.last_used_at, meta.created_at, meta.variant)
+
+
+def _describe(meta: EntryMeta | None, entry: str) -> str:
+    if meta is not None and meta.stage_id:
+        return f"stage '{meta.stage_id}' (key {meta.key[:8]})"
+    return f"key {entry[:8]}"
+
+
+class _KeyLocks:
+    """One ``threading.Lock`` per key, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextlib.contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        with self._guard:
+            lock, users = self._locks.get(key) or (threading.Lock(), 0)
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                lock, users = self._locks[key]
+                if users == 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
+
+
+class MemoryStore:
+    """A ``CacheStore`` in a dict, for tests and ``twinklr_pipe.testing``.
+
+    Behaves like ``DiskCacheStore``: metadata goes through its JSON form (so what comes
+    back equals what a disk store would return), a key keeps at most ``MAX_VARIANTS``
+    variants, and ``put`` fills ``payload_checksum`` and ``size_bytes``. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[bytes, bytes]] = {}
+        self._mutex = threading.Lock()
+        self._key_locks = _KeyLocks()
+
+    def __repr__(self) -> str:
+        return f"MemoryStore({len(self._entries)} entries)"
+
+    def get(self, entry_id: str) -> tuple[EntryMeta, bytes] | None:
+        """Return an entry's metadata and payload, or None when absent."""
+        with self._mutex:
+            found = self._entries.get(entry_id)
+        if found is None:
+            return None
+        return EntryMeta.model_validate_json(found[0]), found[1]
+
+    def get_meta(self, entry_id: str) -> EntryMeta | None:
+        """Return an entry's metadata, or None when absent."""
+        with self._mutex:
+            found = self._entries.get(entry_id)
+        return None if found is None else EntryMeta.model_validate_json(found[0])
+
+    def variants(self, key: str) -> list[EntryMeta]:
+        """Metadata of every stored variant of ``key``, most recently used first."""
+        return sorted(self._variants(key), key=_recency, reverse=True)
+
+    def _variants(self, key: str) -> list[EntryMeta]:
+        prefix = key + "."
+        with self._mutex:
+            raw = [meta for eid, (meta, _) in self._entries.items() if eid.startswith(prefix)]
+        metas = (EntryMeta.model_validate_json(data) for data in raw)
+        return [meta for meta in metas if meta.key == key]
+
+    def put(self, meta: EntryMeta, payload: bytes) -> None:
+        """Store an entry, replacing one with the same id; keep at most 4 variants per key.
+
+        Raises:
+            TypeError: ``payload`` is not ``bytes``.
+            ValueError: the key or variant is empty, or ``payload_checksum`` is wrong.
+        """
+        meta = _checked_for_put(meta, payload)
+        data = _dump_meta(meta)
+        with self._mutex:
+            self._entries[meta.entry_id] = (data, payload)
+            others = [m for m in self._variants_locked(meta.key) if m.variant != meta.variant]
+            excess = len(others) + 1 - MAX_VARIANTS
+            for old in sorted(others, key=_recency)[: max(excess, 0)]:
+                del self._entries[old.entry_id]
+
+    def _variants_locked(self, key: str) -> list[EntryMeta]:
+        prefix = key + "."
+        metas = (
+            EntryMeta.model_validate_json(meta)
+            for eid, (meta, _) in self._entries.items()
+            if eid.startswith(prefix)
+        )
+        return [meta for meta in metas if meta.key == key]
+
+    def delete(self, entry_id: str) -> bool:
+        """Remove an entry; return whether it existed."""
+        with self._mutex:
+            return self._entries.pop(entry_id, None) is not None
+
+    def touch(self, entry_ids: Iterable[str], when: float) -> None:
+        """Set ``last_used_at`` of the given entries (missing ones are ignored)."""
+        with self._mutex:
+            for eid in set(entry_ids):
+                found = self._entries.get(eid)
+                if found is not None:
+                    meta = EntryMeta.model_validate_json(found[0])
+                    touched = meta.model_copy(update={"last_used_at": when})
+                    self._entries[eid] = (_dump_meta(touched), found[1])
+
+    def iter_metadata(self) -> Iterator[EntryMeta]:
+        """Every entry's metadata (a snapshot), in no particular order."""
+        with self._mutex:
+            raw = [meta for meta, _ in self._entries.values()]
+        for data in raw:
+            yield EntryMeta.model_validate_json(data)
+
+    def size(self) -> int:
+        """Total size in bytes of the stored payloads."""
+        with self._mutex:
+            return sum(len(payload) for _, payload in self._entries.values())
+
+    def lock(self, key: str) -> contextlib.AbstractContextManager[None]:
+        """An exclusive lock on ``key`` among the threads of this process (blocking)."""
+        return self._key_locks.hold(key)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class DiskCacheStore:
+    """The default ``CacheStore``: diskcache (SQLite plus files) in one directory.
+
+    Several processes may use one directory at once, and every method is thread-safe.
+    An entry's metadata and payload rows are written in one SQLite transaction, so a
+    crash leaves the whole entry or none. Reads verify the payload's checksum; a
+    corrupt or unreadable entry is a miss, removed with a warning. A damaged database
+    is moved aside (``store.damaged-*``) and replaced by an empty one, at open or, when
+    found while running, at the next open; until then lookups miss and writes raise
+    ``StoreError``.
+
+    Attributes:
+        directory: The cache directory (absolute).
+        format_version: The store format of the directory (``CACHE_FORMAT_VERSION``).
+        timeout: Seconds a write waits for another process's write to finish.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, timeout: float = 10.0) -> None:
+        """Open (or create) the cache in ``directory``.
+
+        Raises:
+            CacheFormatError: the directory was written by a newer store format.
+            StoreError: the path is a file, or the directory cannot be created, written
+                or opened.
+        """
+        self.directory = Path(os.fspath(directory)).expanduser().absolute()
+        self.timeout = timeout
+        self._store_dir = self.directory / _STORE_NAME
+        self._root = str(self._store_dir)
+        self._cache: diskcache.Cache | None = None
+        # ``_live`` is ``_cache`` while the database is usable, else None (hot path check).
+        self._live: diskcache.Cache | None = None
+        self._damaged: str | None = None
+        self._closed = False
+        self._lock_fd: int | None = None
+        try:
+            self.format_version = self._prepare_directory()
+            self._open()
+        except (StoreError, CacheFormatError):
+            self._release_store_lock()
+            raise
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+            self._release_store_lock()
+            raise StoreError(f"Cannot open the cache in {self.directory}: {exc}") from exc
+
+    def __repr__(self) -> str:
+        return f"DiskCacheStore({str(self.directory)!r})"
+
+    def __enter__(self) -> DiskCacheStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- opening -------------------------------------------------------------------
+
+    def _prepare_directory(self) -> int:
+        """Create the directory and check or write its FORMAT marker; return the format."""
+        directory = self.directory
+        if directory.exists() and not directory.is_dir():
+            raise StoreError(
+                f"Cache directory {directory} is a file, not a directory. Pass another "
+                "cache directory, or move the file away."
+            )
+        marker = directory / _MARKER_NAME
+        found: int | None = None
+        problem: str | None = None
+        if directory.is_dir():
+            try:
+                raw = marker.read_bytes()
+            except FileNotFoundError:
+                pass
+            else:
+                found, problem = _parse_marker(raw)
+                if found is not None and found > CACHE_FORMAT_VERSION:
+                    raise CacheFormatError(str(directory), found, CACHE_FORMAT_VERSION)
+        else:
+            try:
+                directory.mkdir(mode=0o700, parents=True)
+            except FileExistsError:  # made by another process meanwhile: not ours to chmod
+                pass
+            else:
+                os.chmod(directory, 0o700)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise StoreError(
+                f"Cache directory {directory} is not writable. Fix its permissions, or pass "
+                "another cache directory."
+            )
+        if problem is not None:
+            _log.warning(
+                "Cache format marker %s is damaged (%s); rewriting it for format %d",
+                marker,
+                problem,
+                CACHE_FORMAT_VERSION,
+            )
+        if found is None:
+            _write_atomically(marker, _marker_bytes())
+            return CACHE_FORMAT_VERSION
+        return found
+
+    def _open(self) -> None:
+        """Take the shared store lock and open diskcache, recovering a damaged store."""
+        lock_path = self.directory / _STORE_LOCK_NAME
+        self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+        flag = self.directory / _DAMAGED_NAME
+        if flag.exists():
+            reason = flag.read_text(encoding="utf-8", errors="replace").strip()
+            self._recover(reason or "found damaged by an earlier run")
+            return
+        try:
+            self._set_cache(self._open_cache())
+        except _DamagedDatabase as exc:
+            self._recover(str(exc))
+
+    def _open_cache(self) -> diskcache.Cache:
+        """Open diskcache in ``store/`` and probe it.
+
+        Raises:
+            _DamagedDatabase: cache.db is damaged.
+        """
+        try:
+            cache = _Cache(
+                self._root,
+                timeout=self.timeout,
+                disk=_BytesDisk,
+                **_DISKCACHE_SETTINGS,
+            )
+        except sqlite3.DatabaseError as exc:
+            if _is_damage(exc):
+                raise _DamagedDatabase(str(exc)) from exc
+            raise
+        try:
+            con = _connection(cache)
+            for probe in _PROBE_SQL:
+                con.execute(probe).fetchall()
+        except sqlite3.DatabaseError as exc:
+            cache.close()
+            if _is_damage(exc):
+                raise _DamagedDatabase(str(exc)) from exc
+            raise
+        return cache
+
+    def _recover(self, reason: str) -> None:
+        """Move a damaged ``store/`` aside and open an empty one, if no one else uses it.
+
+        Called holding the shared store lock and no connection. SQLite deletes a WAL file
+        by name when its last connection closes, so ``store/`` is only moved while no other
+        store (in any process) has it open: under the exclusive store lock.
+        """
+        assert self._lock_fd is not None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._release_store_lock()
+            self._flag_damaged(reason)
+            self._damaged = reason
+            _log.warning(
+                "Cache database in %s is damaged (%s) and another process is using it: "
+                "caching is off for this store; it will be rebuilt at the next open",
+                self._store_dir,
+                reason,
+            )
+            return
+        aside = self.directory / (
+            f"{_STORE_NAME}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
+        )
+        if self._store_dir.exists():
+            os.rename(self._store_dir, aside)
+            _log.warning(
+                "Cache database in %s was damaged (%s): moved it to %s and started an empty "
+                "cache. Delete %s when you no longer need it.",
+                self.directory,
+                reason,
+                aside,
+                aside,
+            )
+        with contextlib.suppress(FileNotFoundError):
+            (self.directory / _DAMAGED_NAME).unlink()
+        fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+        try:
+            self._set_cache(self._open_cache())
+        except _DamagedDatabase as exc:
+            raise StoreError(
+                f"A new, empty cache database in {self._store_dir} is damaged at once ({exc}); "
+                "check the disk, or pass another cache directory."
+            ) from exc
+
+    def _set_cache(self, cache: diskcache.Cache) -> None:
+        self._cache = cache
+        self._live = cache
+        disk = cache.disk
+        assert isinstance(disk, _BytesDisk)
+        self._disk = disk
+
+    def _flag_damaged(self, reason: str) -> None:
+        """Leave the DAMAGED flag so that the next open rebuilds the store (best effort)."""
+        try:
+            (self.directory / _DAMAGED_NAME).write_text(reason + "\n", encoding="utf-8")
+        except OSError as exc:
+            _log.warning("Cannot flag the damaged cache in %s: %s", self.directory, exc)
+
+    def _mark_damaged(self, exc: BaseException) -> None:
+        """Switch to misses after finding cache.db damaged while running."""
+        if self._damaged is not None:
+            return
+        self._damaged = str(exc)
+        self._live = None
+        self._flag_damaged(self._damaged)
+        _log.warning(
+            "Cache database in %s is damaged (%s): lookups miss and writes fail until it is "
+            "rebuilt; the next open moves it aside and starts an empty cache",
+            self._store_dir,
+            exc,
+        )
+
+    def _release_store_lock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    # -- access to the database --------------------------------------------------
+
+    def _reader(self) -> diskcache.Cache | None:
+        """The cache to read from, or None when the database is damaged (a miss)."""
+        cache = self._live
+        if cache is None and self._closed:
+            raise StoreError(f"The cache store in {self.directory} is closed")
+        return cache
+
+    def _scanner(self, action: str) -> diskcache.Cache:
+        """The cache to scan: listing a damaged or closed store raises StoreError."""
+        cache = self._live
+        if cache is None:
+            raise self._unusable(action)
+        return cache
+
+    def _unusable(self, action: str) -> StoreError:
+        if self._closed:
+            return StoreError(f"Cannot {action}: the cache store in {self.directory} is closed")
+        return StoreError(
+            f"Cannot {action}: the cache database in {self._store_dir} is damaged "
+            f"({self._damaged}). It is moved aside and replaced by an empty cache the next "
+            "time the cache is opened while no other process uses it; run the command again."
+        )
+
+    def _read_failed(self, exc: sqlite3.Error, entry: str) -> None:
+        if _is_damage(exc):
+            self._mark_damaged(exc)
+        else:
+            _log.warning(
+                "Cache lookup of key %s in %s failed (%s); treating it as a miss",
+                entry[:8],
+                self._store_dir,
+                exc,
+            )
+
+    def _scan_failed(self, exc: sqlite3.Error, action: str) -> StoreError:
+        if _is_damage(exc):
+            self._mark_damaged(exc)
+            return self._unusable(action)
+        return StoreError(f"Cannot {action} in {self._store_dir}: {exc}")
+
+    @contextlib.contextmanager
+    def _writing(self, action: str) -> Iterator[diskcache.Cache]:
+        """The one place write failures become ``StoreError``.
+
+        Raises:
+            StoreError: the store is closed or damaged, another process held the database
+                longer than ``timeout``, or SQLite or the file system failed (disk full,
+                permission denied...).
+        """
+        cache = self._live
+        if cache is None:
+            raise self._unusable(action)
+        try:
+            yield cache
+        except diskcache.Timeout as exc:
+            raise StoreError(
+                f"Cannot {action}: another process kept the cache database in "
+                f"{self._store_dir} locked for more than {self.timeout:g}s"
+            ) from exc
+        except sqlite3.Error as exc:
+            _rollback(cache)
+            if _is_damage(exc):
+                self._mark_damaged(exc)
+            raise StoreError(f"Cannot {action} in cache directory {self.directory}: {exc}") from exc
+        except OSError as exc:
+            _rollback(cache)
+            raise StoreError(f"Cannot {action} in cache directory {self.directory}: {exc}") from exc
+
+    def _remove_files(self, names: Iterable[str | None]) -> None:
+        for name in names:
+            if name is not None:
+                self._disk.remove(name)
+
+    # -- reading -----------------------------------------------------------------
+
+    def _decode_meta(self, row: _Row, entry: str) -> EntryMeta:
+        """Decode a metadata row stored for ``entry``.
+
+        Raises:
+            _CorruptRow: the row is not raw bytes, or not the metadata of ``entry``.
+            OSError: its file cannot be read.
+        """
+        data = _fetch_bytes(self._root, row[1], row[2], row[3])
+        try:
+            meta = EntryMeta.model_validate_json(data)
+        except ValidationError as exc:
+            raise _CorruptRow("its metadata cannot be decoded") from exc
+        if meta.entry_id != entry:
+            raise _CorruptRow(f"its metadata belongs to entry {meta.entry_id[:8]}")
+        return meta
+
+    def get(self, entry_id: str) -> tuple[EntryMeta, bytes] | None:
+        """Return an entry's metadata and payload, or None when absent or unreadable.
+
+        An entry whose metadata cannot be decoded or whose payload is missing or fails
+        its checksum is deleted, with a warning naming its stage and key.
+        """
+        cache = self._reader()
+        if cache is None:
+            return None
+        meta_key = _META + entry_id
+        payload_key = _PAYLOAD + entry_id
+        for _ in range(2):  # once more if the entry was replaced while it was read
+            try:
+                rows = _connection(cache).execute(_ENTRY_SQL, (meta_key, payload_key)).fetchall()
+            except sqlite3.Error as exc:
+                self._read_failed(exc, entry_id)
+                return None
+            meta_row = payload_row = None
+            for row in rows:
+                if row[0] == meta_key:
+                    meta_row = row
+                else:
+                    payload_row = row
+            if meta_row is None:
+                return None
+            meta: EntryMeta | None = None
+            try:
+                meta = self._decode_meta(meta_row, entry_id)
+                if payload_row is None:
+                    raise _CorruptRow("its payload is missing")
+                payload = _fetch_bytes(self._root, payload_row[1], payload_row[2], payload_row[3])
+            except _CorruptRow as exc:
+                problem = str(exc)
+            except OSError as exc:
+                problem = f"its payload file cannot be read ({exc.strerror or exc})"
+            else:
+                if xxhash.xxh3_128_hexdigest(payload) == meta.payload_checksum:
+                    return meta, payload
+                problem = "its payload does not match its checksum (changed or truncated)"
+            if self._evict_if_unchanged(cache, meta_key, payload_key, rows):
+                self._warn_corrupt(meta, entry_id, problem)
+                return None
+        return None
+
+    def get_meta(self, entry_id: str) -> EntryMeta | None:
+        """Return an entry's metadata without reading its payload.
+
+        The payload's presence is checked, not its checksum (``get`` does that).
+        """
+        cache = self._reader()
+        if cache is None:
+            return None
+        meta_key = _META + entry_id
+        payload_key = _PAYLOAD + entry_id
+        try:
+            rows = _connection(cache).execute(_ENTRY_META_SQL, (meta_key, payload_key)).fetchall()
+        except sqlite3.Error as exc:
+            self._read_failed(exc, entry_id)
+            return None
+        meta_row = next((row for row in rows if row[0] == meta_key), None)
+        if meta_row is None:
+            return None
+        meta: EntryMeta | None = None
+        try:
+            meta = self._decode_meta(meta_row, entry_id)
+            if len(rows) == 2:
+                return meta
+            problem = "its payload is missing"
+        except _CorruptRow as exc:
+            problem = str(exc)
+        except OSError as exc:
+            problem = f"its metadata file cannot be read ({exc.strerror or exc})"
+        # The payload row was not read in full, so compare the metadata row alone.
+        if self._evict_if_unchanged(cache, meta_key, None, [meta_row]):
+            self._warn_corrupt(meta, entry_id, problem)
+        return None
+
+    def variants(self, key: str) -> list[EntryMeta]:
+        """Metadata of every stored variant of ``key``, most recently used first.
+
+        One range query on diskcache's key index. Undecodable metadata is deleted with a
+        warning. Payloads are not checked here: ``get`` checks the chosen one.
+        """
+        cache = self._reader()
+        if cache is None:
+            return []
+        low, high = _META + key + ".", _META + key + "/"
+        try:
+            rows = _connection(cache).execute(_RANGE_SQL, (low, high)).fetchall()
+        except sqlite3.Error as exc:
+            self._read_failed(exc, key)
+            return []
+        metas: list[EntryMeta] = []
+        for row in rows:
+            entry = row[0][len(_META) :]
+            try:
+                meta = self._decode_meta(row, entry)
+            except (_CorruptRow, OSError) as exc:
+                if self._evict_if_unchanged(cache, row[0], None, [row]):
+                    self._warn_corrupt(None, entry, str(exc))
+                continue
+            if meta.key == key:  # "k.a.b" is variant "a.b" of "k", or variant "b" of "k.a"
+                metas.append(meta)
+        if len(metas) > 1:
+            metas.sort(key=_recency, reverse=True)
+        return metas
+
+    def iter_metadata(self) -> Iterator[EntryMeta]:
+        """Every entry's metadata, in key order.
+
+        Pages of 2,000 rows, each one query on the calling thread's connection, so the
+        iterator can be consumed from any thread. Unreadable records are skipped (one
+        warning at the end), not deleted.
+
+        Raises:
+            StoreError: the database is damaged or closed, or SQLite fails.
+        """
+        action = "list the cache entries"
+        cache = self._scanner(action)
+        after = _META
+        skipped = 0
+        while True:
+            try:
+                rows = _connection(cache).execute(_PAGE_SQL, (after,)).fetchall()
+            except sqlite3.Error as exc:
+                raise self._scan_failed(exc, action) from exc
+            if not rows:
+                break
+            after = rows[-1][0]
+            metas = self._decode_page(rows)
+            skipped += len(rows) - len(metas)
+            yield from metas
+            if len(rows) < _PAGE_ROWS:
+                break
+        if skipped:
+            _log.warning(
+                "Skipped %d unreadable cache entries in %s; the next lookup of each removes it",
+                skipped,
+                self._store_dir,
+            )
+
+    def _decode_page(self, rows: Sequence[_Row]) -> list[EntryMeta]:
+        """Decode metadata rows; skip unreadable ones and ones not matching their key."""
+        entries: list[str] = []
+        datas: list[bytes] = []
+        for key, mode, filename, value in rows:
+            try:
+                datas.append(_fetch_bytes(self._root, mode, filename, value))
+            except (_CorruptRow, OSError):
+                continue
+            entries.append(key[len(_META) :])
+        metas: list[EntryMeta | None]
+        try:  # all records in one call: about a third faster than one call each
+            metas = _META_LIST.validate_json(b"[" + b",".join(datas) + b"]")
+        except ValidationError:
+            metas = []
+        if len(metas) != len(datas):  # a bad record, or one holding two: one by one
+            metas = [_try_decode(data) for data in datas]
+        return [
+            meta
+            for meta, entry in zip(metas, entries, strict=True)
+            if meta is not None and meta.entry_id == entry
+        ]
+
+    def size(self) -> int:
+        """Total size in bytes of the stored payloads (one query).
+
+        Raises:
+            StoreError: the database is damaged or closed, or SQLite fails.
+        """
+        action = "measure the cache"
+        cache = self._scanner(action)
+        try:
+            total = _connection(cache).execute(_SIZE_SQL).fetchone()[0]
+        except sqlite3.Error as exc:
+            raise self._scan_failed(exc, action) from exc
+        return int(total)
+
+    def _warn_corrupt(self, meta: EntryMeta | None, entry: str, problem: str) -> None:
+        _log.warning(
+            "Discarded a corrupt cache entry of %s in %s: %s; it will be computed again",
+            _describe(meta, entry),
+            self._store_dir,
+            problem,
+        )
+
+    def _evict_if_unchanged(
+        self,
+        cache: diskcache.Cache,
+        meta_key: str,
+        payload_key: str | None,
+        seen: Sequence[_Row],
+    ) -> bool:
+        """Delete a corrupt entry, unless another writer replaced it since it was read.
+
+        Returns False only when the rows changed (the caller may read again); True when
+        they were deleted, or could not be (best effort: the next read retries).
+        """
+        keys = (meta_key, payload_key if payload_key is not None else meta_key)
+        stale: list[str | None] = []
+        try:
+            with cache.transact():
+                con = _connection(cache)
+                current = con.execute(_ENTRY_SQL, keys).fetchall()
+                if payload_key is None:
+                    current = [row for row in current if row[0] == meta_key]
+                if {row[0]: row for row in current} != {row[0]: row for row in seen}:
+                    return False
+                entry = meta_key[len(_META) :]
+                both = (_META + entry, _PAYLOAD + entry)
+                stale = [name for (name,) in con.execute(_FILENAMES_SQL, both)]
+                con.execute(_DELETE_SQL, both)
+        except (sqlite3.Error, diskcache.Timeout, OSError) as exc:
+            _rollback(cache)
+            if _is_damage(exc):
+                self._mark_damaged(exc)
+            _log.debug("Could not delete corrupt cache entry %s: %s", meta_key, exc)
+            return True
+        self._remove_files(stale)
+        return True
+
+    # -- writing -----------------------------------------------------------------
+
+    def put(self, meta: EntryMeta, payload: bytes) -> None:
+        """Store an entry atomically, replacing one with the same entry id.
+
+        Fills ``payload_checksum`` (when empty) and ``size_bytes``. When ``key`` already
+        has ``MAX_VARIANTS`` other variants, the least recently used ones are deleted in
+        the same transaction. Large values are written to files before the transaction,
+        and replaced files removed after it commits.
+
+        Raises:
+            TypeError: ``payload`` is not ``bytes``.
+            ValueError: the key or variant is empty, or ``payload_checksum`` is wrong.
+            StoreError: the store cannot be written (see ``_writing``).
+        """
+        meta = _checked_for_put(meta, payload)
+        data = _dump_meta(meta)
+        entry = meta.entry_id
+        with self._writing(f"store the entry of {_describe(meta, entry)}") as cache:
+            new_files: list[str | None] = []
+            old_files: list[str | None] = []
+            committed = False
+            try:
+                meta_columns = self._disk.store(data, False)
+                new_files.append(meta_columns[2])
+                payload_columns = self._disk.store(payload, False)
+                new_files.append(payload_columns[2])
+                with cache.transact():
+                    con = _connection(cache)
+                    now = time.time()
+                    _write_row(con, _META + entry, meta_columns, now, old_files)
+                    _write_row(con, _PAYLOAD + entry, payload_columns, now, old_files)
+                    self._drop_old_variants(con, meta, old_files)
+                committed = True
+            finally:
+                if not committed:
+                    self._remove_files(new_files)
+            self._remove_files(old_files)
+
+    def _drop_old_variants(
+        self, con: sqlite3.Connection, meta: EntryMeta, old_files: list[str | None]
+    ) -> None:
+        """Within ``put``'s transaction: delete the least recently used variants over the cap."""
+        low, high = _META + meta.key + ".", _META + meta.key + "/"
+        ranked: list[tuple[tuple[float, float, str], str]] = []
+        for row in con.execute(_RANGE_SQL, (low, high)).fetchall():
+            entry = row[0][len(_META) :]
+            if entry == meta.entry_id:
+                continue
+            try:
+                other = self._decode_meta(row, entry)
+            except (_CorruptRow, OSError):
+                ranked.append(((float("-inf"), float("-inf"), ""), entry))  # corrupt: first
+                continue
+            if other.key == meta.key:
+                ranked.append((_recency(other), entry))
+        excess = len(ranked) + 1 - MAX_VARIANTS
+        if excess > 0:
+            ranked.sort()
+            for _, entry in ranked[:excess]:
+                _delete_rows(con, entry, old_files)
+
+    def delete(self, entry_id: str) -> bool:
+        """Remove an entry; return whether it existed.
+
+        Raises:
+            StoreError: the store cannot be written.
+        """
+        old_files: list[str | None] = []
+        with self._writing(f"delete the entry of key {entry_id[:8]}") as cache:
+            with cache.transact():
+                existed = _delete_rows(_connection(cache), entry_id, old_files)
+            self._remove_files(old_files)
+        return existed
+
+    def touch(self, entry_ids: Iterable[str], when: float) -> None:
+        """Set ``last_used_at`` of the given entries in one transaction.
+
+        Missing and unreadable entries are ignored.
+
+        Raises:
+            StoreError: the store cannot be written.
+        """
+        wanted = sorted(set(entry_ids))
+        if not wanted:
+            return
+        old_files: list[str | None] = []
+        new_files: list[str | None] = []
+        with self._writing(f"record the use of {len(wanted)} cache entries") as cache:
+            committed = False
+            try:
+                with cache.transact():
+                    con = _connection(cache)
+                    now = time.time()
+                    for entry in wanted:
+                        key = _META + entry
+                        row = con.execute(_META_ROW_SQL, (key,)).fetchone()
+                        if row is None:
+                            continue
+                        try:
+                            meta = self._decode_meta(row, entry)
+                        except (_CorruptRow, OSError):
+                            continue
+                        touched = meta.model_copy(update={"last_used_at": when})
+                        columns = self._disk.store(_dump_meta(touched), False)
+                        new_files.append(columns[2])
+                        _write_row(con, key, columns, now, old_files)
+                committed = True
+            finally:
+                if not committed:
+                    self._remove_files(new_files)
+            self._remove_files(old_files)
+
+    # -- locks and closing ----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _key_lock(self, key: str) -> Iterator[None]:
+        name = (
+            key
+            if _SAFE_LOCK_NAME.fullmatch(key)
+            else "h-" + xxhash.xxh3_128_hexdigest(key.encode())
+        )
+        locks = self.directory / _LOCKS_NAME
+        try:
+            locks.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreError(f"Cannot lock cache key {key[:8]} in {locks}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def lock(self, key: str) -> contextlib.AbstractContextManager[None]:
+        """An exclusive lock on ``key`` across processes and threads (blocking).
+
+        A ``flock`` on ``locks/<key>.lock``, taken on entering and released on exit.
+        Lock files are kept (deleting one while another process waits on it would break
+        the exclusion).
+
+        Raises:
+            StoreError: (on entering) the lock file cannot be created.
+        """
+        return self._key_lock(key)
+
+    def close(self) -> None:
+        """Close the database and release the store lock. Later calls raise StoreError.
+
+        Dropping the ``diskcache.Cache`` frees every thread's SQLite connection, not only
+        the calling thread's (which ``Cache.close`` closes).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        cache, self._cache, self._live = self._cache, None, None
+        if cache is not None:
+            cache.close()
+            del cache
+        self._release_store_lock()
+
+
+def _rollback(cache: diskcache.Cache) -> None:
+    """Roll back a transaction a failed COMMIT may have left open on this connection."""
+    with contextlib.suppress(Exception):
+        con = _connection(cache)
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+
+
+def _write_row(
+    con: sqlite3.Connection,
+    key: str,
+    columns: _Columns,
+    now: float,
+    old_files: list[str | None],
+) -> None:
+    """Insert or replace one row, as ``Cache.set`` does; its old file goes to ``old_files``."""
+    size, mode, filename, value = columns
+    found = con.execute(_ROW_SQL, (key,)).fetchone()
+    if found is None:
+        con.execute(_INSERT_SQL, (key, now, now, size, mode, filename, value))
+    else:
+        old_files.append(found[1])
+        con.execute(_UPDATE_SQL, (now, now, size, mode, filename, value, found[0]))
+
+
+def _delete_rows(con: sqlite3.Connection, entry: str, old_files: list[str | None]) -> bool:
+    keys = (_META + entry, _PAYLOAD + entry)
+    names = [name for (name,) in con.execute(_FILENAMES_SQL, keys)]
+    if not names:
+        return False
+    old_files.extend(names)
+    con.execute(_DELETE_SQL, keys)
+    return True
+
+
+def _marker_bytes() -> bytes:
+    return json.dumps({"format": CACHE_FORMAT_VERSION, "library": _LIBRARY}).encode() + b"\n"
+
+
+def _parse_marker(raw: bytes) -> tuple[int | None, str | None]:
+    """Return ``(format, None)`` for a valid FORMAT marker, else ``(None, problem)``.
+
+    A valid number newer than ours is returned even when the rest is wrong: refusing
+    such a directory is safer than overwriting its marker.
+    """
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None, "not JSON"
+    if not isinstance(data, dict):
+        return None, "not a JSON object"
+    found = data.get("format")
+    if type(found) is not int or found < 1:
+        return None, f"bad format number {found!r}"
+    if found > CACHE_FORMAT_VERSION:
+        return found, None
+    if data.get("library") != _LIBRARY:
+        return None, f"library is {data.get('library')!r}, not {_LIBRARY!r}"
+    return found, None
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as writer:
+            writer.write(data)
+            writer.flush()
+            os.fsync(writer.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
