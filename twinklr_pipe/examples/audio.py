@@ -158,7 +158,7 @@ def analyse(
     # Onsets: local maxima over ±min_gap/2 above mean + 0.5 * std.
     mean = sum(novelty) / len(novelty)
     std = math.sqrt(sum((v - mean) ** 2 for v in novelty) / len(novelty))
-    threshold = mean + 0.5 * std
+    threshold = max(mean + 0.5 * std, 0.05)  # silence has no onsets
     gap = max(1, round(min_onset_gap_s * fps))
     onsets: list[float] = []
     last = -gap
@@ -207,14 +207,14 @@ def _tempo(
         return sum(centred[i] * centred[i + lag] for i in range(n - lag)) / (n - lag)
 
     scores = {}
-    for lag in range(lo - 1, hi + 2):
-        if lag < 1:
-            continue
+    for lag in range(max(1, lo - 1), min(n - 1, hi + 1) + 1):
         bpm = 60.0 * fps / lag
         # A log-normal prior around 120 BPM breaks ties between a tempo and its multiples.
-        prior = math.exp(-0.5 * (math.log2(bpm / 120.0) / 1.0) ** 2)
+        prior = math.exp(-0.5 * math.log2(bpm / 120.0) ** 2)
         scores[lag] = acf(lag) * prior
     best = max(range(lo, hi + 1), key=lambda lag: scores[lag])
+    if scores[best] <= 0.0:  # nothing periodic (silence, noise): assume 120 BPM
+        return 120.0, 60.0 * fps / 120.0
     left, mid, right = scores.get(best - 1, 0.0), scores[best], scores.get(best + 1, 0.0)
     denom = left - 2 * mid + right
     offset = 0.5 * (left - right) / denom if denom < 0 else 0.0
