@@ -4,6 +4,10 @@ Run it (offline, about two seconds the first time, a few milliseconds after that
 
     pipe run twinklr_pipe.examples.sequencer:pipeline
 
+and on your own song (a PCM WAV file)::
+
+    pipe run twinklr_pipe.examples.sequencer:pipeline --input-path song.wav
+
 or from Python::
 
     from twinklr_pipe import PipelineExecutor
@@ -35,7 +39,7 @@ The stages::
 
 **Input.** The pipeline's input is the WAV file, as a :class:`~twinklr_pipe.cache.FileInput`
 (the cache keys it on the file's content, not its path). When the run has no input
-(``initial_input=None``, as with ``pipe run`` without ``--input``), the ``audio`` stage
+(``initial_input=None``, as with ``pipe run`` without ``--input-path``), the ``audio`` stage
 analyses its ``clip`` field instead, which defaults to the bundled clip
 ``twinklr_pipe/examples/data/clip.wav``. ``clip`` is a ``FileInput`` configuration field,
 so its content is part of the stage's key either way. A plain ``str`` or ``Path`` input is
@@ -259,8 +263,8 @@ class AudioAnalysis:
         if not isinstance(input, FileInput):
             raise TypeError(
                 f"the audio stage takes a FileInput (or None for its clip), not "
-                f"{type(input).__name__}: pass FileInput({input!r}) so the cache keys "
-                f"on the file's content rather than its path"
+                f"{type(input).__name__}: pass FileInput({input!r}) (pipe run: --input-path) "
+                f"so the cache keys on the file's content rather than its name"
             )
         samples, rate = read_wav(input.path)
         features = analyse(
