@@ -280,7 +280,7 @@ def _seq_digest(v: list[Any] | tuple[Any, ...], tag: bytes, ctx: _Ctx) -> bytes:
                 b = bytearray()
                 enc = _ENC.get(t)
                 (enc or _lookup(t))(x, b, ctx)
-                acc += _finish(b, ctx)
+                acc += _finish(b, ctx) if ctx.streams else _h128(b)
     except _Fail as exc:
         exc.segs.append(f"[{i}]")
         raise
@@ -314,39 +314,53 @@ def _str_key_record(k: str) -> bytes:
 
 
 def _enc_dict(v: dict[Any, Any], buf: bytearray, ctx: _Ctx) -> None:
-    oid = id(v)
-    if oid in ctx:
-        raise _cycle(v)
-    ctx.add(oid)
     buf += _hdr(_T_DICT, len(v))
-    if set(map(type, v)) <= _STR_ONLY:
-        # The common case: str keys, ordered by the keys themselves.
-        k = None
-        try:
-            for k in sorted(v):
-                buf += _STR_KEYS.get(k) or _str_key_record(k)
-                x = v[k]
-                t = type(x)
-                if t is str:
-                    try:
-                        b = x.encode()
-                    except UnicodeEncodeError:
-                        b = x.encode("utf-8", "surrogatepass")
-                    buf += _hdr(_T_STR, len(b))
-                    buf += b
-                elif t is int and -_I64 <= x < _I64:
-                    buf += _hdr_int(_T_INT, x)
-                elif t is float and x == x:
-                    buf += _hdr_float(_T_FLOAT, x)
-                else:
-                    enc = _ENC.get(t)
-                    (enc or _lookup(t))(x, buf, ctx)
-        except _Fail as exc:
-            exc.segs.append(f"[{_short(k)}]")
-            raise
-    else:
+    if not set(map(type, v)) <= _STR_ONLY:
+        oid = id(v)
+        if oid in ctx:
+            raise _cycle(v)
+        ctx.add(oid)
         _enc_mixed_pairs(v, buf, ctx)
-    ctx.discard(oid)
+        ctx.discard(oid)
+        return
+    # The common case: str keys, ordered by the keys themselves. The dict joins the
+    # cycle-detection set only when it has a value to recurse into (a dict of scalars
+    # cannot be part of a cycle), which saves time on lists of small records.
+    oid = 0
+    cycle = False
+    k = None
+    try:
+        for k in sorted(v):
+            buf += _STR_KEYS.get(k) or _str_key_record(k)
+            x = v[k]
+            t = type(x)
+            if t is str:
+                try:
+                    b = x.encode()
+                except UnicodeEncodeError:
+                    b = x.encode("utf-8", "surrogatepass")
+                buf += _hdr(_T_STR, len(b))
+                buf += b
+            elif t is int and -_I64 <= x < _I64:
+                buf += _hdr_int(_T_INT, x)
+            elif t is float and x == x:
+                buf += _hdr_float(_T_FLOAT, x)
+            else:
+                if not oid:
+                    oid = id(v)
+                    if oid in ctx:
+                        cycle = True
+                        break
+                    ctx.add(oid)
+                enc = _ENC.get(t)
+                (enc or _lookup(t))(x, buf, ctx)
+    except _Fail as exc:
+        exc.segs.append(f"[{_short(k)}]")
+        raise
+    if cycle:
+        raise _cycle(v)
+    if oid:
+        ctx.discard(oid)
 
 
 def _enc_mixed_pairs(v: dict[Any, Any], buf: bytearray, ctx: _Ctx) -> None:
