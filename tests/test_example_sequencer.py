@@ -226,4 +226,13 @@ def test_bundled_clip_is_small_and_reproducible(tmp_path: Path) -> None:
     spec.loader.exec_module(script)
     again = tmp_path / "clip.wav"
     script.write_wav(again, script.synthesise())
-    assert again.read_bytes() == sequencer.BUNDLED_CLIP.read_bytes()
+    # Byte-identical here; allow one step of rounding where another libm differs in an ulp.
+    regenerated, committed = (_samples(p) for p in (again, sequencer.BUNDLED_CLIP))
+    assert len(regenerated) == len(committed)
+    assert max(abs(a - b) for a, b in zip(regenerated, committed, strict=True)) <= 1
+
+
+def _samples(path: Path) -> list[int]:
+    with wave.open(str(path), "rb") as w:
+        raw = w.readframes(w.getnframes())
+    return [s for (s,) in struct.iter_unpack("<h", raw)]
