@@ -379,6 +379,19 @@ class TestNumpy:
         two = np.zeros(2, dtype=[("c", "<i4"), ("d", "<i4")])
         assert fingerprint(one) != fingerprint(two)
 
+    def test_numpy_scalars_are_their_own_kind(self) -> None:
+        """A numpy scalar differs from the Python number, from a 0-d array and by dtype."""
+        np = pytest.importorskip("numpy")
+        prints = {
+            fingerprint(np.float64(1.0)),
+            fingerprint(1.0),
+            fingerprint(np.array(1.0)),
+            fingerprint(np.float32(1.0)),
+            fingerprint(np.int64(1)),
+        }
+        assert len(prints) == 5
+        assert fingerprint(np.float64(1.0)) == fingerprint(np.float64(1))
+
     def test_object_arrays_are_refused(self) -> None:
         """An object array cannot be hashed from its bytes (they are pointers)."""
         np = pytest.importorskip("numpy")

@@ -39,6 +39,8 @@ stored. Notes on what is restored:
 * Dataclasses store every field, are rebuilt by calling the class with the ``init=True``
   fields, and get the ``init=False`` fields set afterwards.
 * Aware datetimes keep their UTC offset; a ``zoneinfo.ZoneInfo`` zone is restored by key.
+* Numpy arrays and numpy scalars nested in a value are stored as base64 ``.npy`` bytes
+  in ``ndarray`` / ``npscalar`` nodes.
 
 Errors: every failure is a :class:`~twinklr_pipe.errors.CodecError`. Messages start
 lowercase (``cannot store output of type ...``) so the executor can prefix the stage:
@@ -337,6 +339,10 @@ def _conv_ndarray(v: Any, active: set[int]) -> Any:
     return {TAG: "ndarray", "v": _b64(_npy_bytes(v))}
 
 
+def _conv_npscalar(v: Any, active: set[int]) -> Any:
+    return {TAG: "npscalar", "v": _b64(_npy_bytes(_numpy().asarray(v)))}
+
+
 _CONV: dict[type, _Converter] = {
     int: _conv_int,
     float: _conv_float,
@@ -467,6 +473,8 @@ def _classify(t: type) -> _Converter:
         np: Any = sys.modules.get("numpy")
         if np is not None and t is np.ndarray:
             conv = _conv_ndarray
+        elif np is not None and issubclass(t, np.generic):
+            conv = _conv_npscalar
         else:
             raise _Unstorable(t)
     if len(_DYN) >= _DYN_MAX:
@@ -660,6 +668,7 @@ _UNTAG: dict[str, Callable[[dict[str, Any]], Any]] = {
     "model_json": _un_model,  # the dump validates like the fields do
     "dataclass": _un_dataclass,
     "ndarray": lambda n: _npy_load(_un_b64(n)),
+    "npscalar": lambda n: _npy_load(_un_b64(n))[()],
 }
 
 

@@ -27,7 +27,9 @@ The encoding is a byte stream of type-tagged, self-delimiting records, fed to
   (and a pydantic model's extra fields), by field name, so field order does not matter.
   Private attributes are not part of the value.
 * Numpy arrays (only when numpy is already imported) are hashed as dtype, shape and
-  C-order bytes. Object arrays, ndarray subclasses and numpy scalars are unsupported.
+  C-order bytes; object arrays and ndarray subclasses are unsupported. Numpy scalars
+  (``np.float64(1.0)``) are hashed as dtype and bytes: they differ from Python's
+  ``1.0`` and from 0-d arrays.
 * Only exact built-in types are supported. Subclasses of ``str``, ``int``, ``dict``,
   ``list``, ``datetime``... raise ``FingerprintError`` (they may carry state or meaning
   that hashing as the base type would drop), except enum members, pathlib classes,
@@ -90,6 +92,7 @@ _T_FILE_CONTENT: Final = b"C"
 _T_MODEL: Final = b"m"
 _T_DATACLASS: Final = b"c"
 _T_NDARRAY: Final = b"a"
+_T_NPSCALAR: Final = b"g"
 
 _hdr = struct.Struct("<cQ").pack  # tag + unsigned 64-bit length
 _hdr_int = struct.Struct("<cq").pack
@@ -518,6 +521,12 @@ def _enc_ndarray(v: Any, buf: bytearray, ctx: _Ctx) -> None:
         _stream(buf, data, ctx)
 
 
+def _enc_npscalar(v: Any, buf: bytearray, ctx: _Ctx) -> None:
+    buf += _T_NPSCALAR
+    _enc_str(_dtype_key(v.dtype), buf, ctx)
+    _enc_bytes(v.tobytes(), buf, ctx)
+
+
 def _dtype_key(dtype: Any) -> str:
     """``dtype.str``, or the full description of a structured dtype (whose ``str`` is ``|V8``)."""
     if dtype.fields is None and dtype.subdtype is None:
@@ -568,6 +577,8 @@ def _classify(t: type) -> _Encoder:
         np: Any = sys.modules.get("numpy")  # if numpy was never imported, no value is an array
         if np is not None and t is np.ndarray:
             enc = _enc_ndarray
+        elif np is not None and issubclass(t, np.generic):
+            enc = _enc_npscalar
         else:
             raise _Fail(t)
     if len(_DYN) >= _DYN_MAX:
