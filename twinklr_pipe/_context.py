@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
+
+if TYPE_CHECKING:
+    from ._pools import PoolSet
 
 __all__ = ["PipelineContext", "current_context"]
 
@@ -175,6 +179,7 @@ class PipelineContext:
         self._own_token = False
         self._loop_token: anyio.lowlevel.EventLoopToken | None = None
         self._loop_thread: int | None = None
+        self._pools: PoolSet | None = None
         for name, value in services.items():
             setattr(self, name, value)
 
@@ -208,6 +213,20 @@ class PipelineContext:
         rec = _recorder.get()
         if rec is not None:
             rec.metrics[key] = rec.metrics.get(key, 0) + delta
+
+    def pool(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold one slot of the executor's resource pool ``name`` around a block::
+
+        async with context.pool("llm"):
+            reply = await context.provider.complete(prompt)
+        """
+        pools = self._pools
+        if pools is None:
+            raise KeyError(
+                f"No resource pool '{name}': the executor running this stage has no pools; "
+                "pass pools={...} to PipelineExecutor"
+            )
+        return pools.hold([name])
 
     def is_cancelled(self) -> bool:
         """Whether ``cancel()`` was called or the cancel token is set."""

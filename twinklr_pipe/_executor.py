@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from ._context import (
@@ -30,6 +31,7 @@ from ._definition import ExecutionPattern, PipelineDefinition, StageDefinition
 from ._events import (
     FanOutProgress,
     PipelineEvent,
+    PoolWaited,
     RunFinished,
     RunStarted,
     StageFinished,
@@ -49,14 +51,18 @@ from ._stage import FunctionStage
 from .errors import CacheError, FingerprintError
 
 if TYPE_CHECKING:
+    from ._pools import PoolSet
     from .cache._entry import CacheStore
-    from .cache._runtime import CacheRuntime, StageParts
+    from .cache._runtime import CacheRuntime, KeyInfo
 
 __all__ = ["PipelineExecutor", "new_run_id"]
 
 logger = logging.getLogger("twinklr_pipe")
 
 EventCallback = Callable[[PipelineEvent], Any]
+
+#: A task running a chain of stages yields to the loop before every this many stages.
+_YIELD_EVERY = 16
 
 
 def new_run_id() -> str:
@@ -151,6 +157,19 @@ class PipelineExecutor:
             for sid in force
             if sid not in known
         ]
+        for s in pipeline.stages:
+            unknown_pools = [p for p in s.pools if p not in self.pools]
+            if unknown_pools:
+                problems.append(
+                    f"Stage '{s.id}' uses unknown resource pool(s) {unknown_pools}; "
+                    f"pass pools={{...}} to PipelineExecutor (it has: "
+                    f"{', '.join(sorted(self.pools)) or 'none'})"
+                )
+            if s.remote and self.runner is None:
+                problems.append(
+                    f"Stage '{s.id}' is remote=True but the executor has no runner; "
+                    "pass runner=DaskRunner(...) to PipelineExecutor"
+                )
         if problems:
             return PipelineResult(
                 success=False, run_id=run_id, metadata={"errors": problems, "invalid": True}
@@ -236,6 +255,9 @@ class _Run:
             for dep in st.input_ids:
                 self.states[dep].users.append(st)
         self.finished = 0
+        # Stage id -> the dependant its task runs next (see ``_run_stage``); an id is
+        # present while its own task runs it and can still take one.
+        self.handoff: dict[str, _StageState | None] = {}
         self.cancel_reason: str | None = None
         self.tg: anyio.abc.TaskGroup | None = None
         self.watch_scope = anyio.CancelScope()
@@ -250,11 +272,13 @@ class _Run:
                 allow_pickle=executor.allow_pickle,
                 dedupe=executor.dedupe,
             )
-        self.pools = None
+        self.pools: PoolSet | None = None
+        self.pool_wait: dict[str, float] = {}
         if executor.pools:
             from ._pools import PoolSet
 
             self.pools = PoolSet(executor.pools)
+        context._pools = self.pools
 
     # -- events -------------------------------------------------------------------------
 
@@ -346,18 +370,39 @@ class _Run:
                 return
         tg = self.tg
         assert tg is not None
+        if tg.cancel_scope.cancel_called or self.context.is_cancelled():
+            return  # stopping (the watcher may not have run yet): nothing new starts
+        handoff = self.handoff
         for user in st.users:
             user.waiting -= 1
-            if user.waiting == 0 and not tg.cancel_scope.cancel_called:
-                tg.start_soon(self._run_stage, user)
+            if user.waiting == 0:
+                if st.id in handoff and handoff[st.id] is None:
+                    handoff[st.id] = user
+                else:
+                    tg.start_soon(self._run_stage, user)
 
     async def _run_stage(self, st: _StageState) -> None:
-        started = time.perf_counter()
-        try:
-            await self._run_stage_inner(st, started)
-        except anyio.get_cancelled_exc_class():
-            self._finish(st, self._cancelled(st, started))
-            raise
+        # A finishing stage hands its first newly ready dependant back to this task
+        # (``_finish``), so a chain runs in one task instead of spawning one per stage.
+        current: _StageState | None = st
+        hops = 0
+        while current is not None:
+            started = time.perf_counter()
+            self.handoff[current.id] = None
+            try:
+                hops += 1
+                if hops % _YIELD_EVERY:
+                    # Fail-fast or a cancel came first: never run the body.
+                    await anyio.lowlevel.checkpoint_if_cancelled()
+                else:
+                    # Now and then let other tasks run, however trivial the bodies.
+                    await anyio.lowlevel.checkpoint()
+                await self._run_stage_inner(current, started)
+            except anyio.get_cancelled_exc_class():
+                self.handoff.pop(current.id, None)
+                self._finish(current, self._cancelled(current, started))
+                raise
+            current = self.handoff.pop(current.id, None)
 
     def _cancelled(self, st: _StageState, started: float | None = None) -> StageResult[Any]:
         result = cancelled_result(
@@ -410,7 +455,7 @@ class _Run:
         if sdef.pattern is ExecutionPattern.FAN_OUT:
             await self._fan_out(st, value, started)
             return
-        outcome = await self._invoke(st, value, self._keyer(st, None, None), None, None)
+        outcome = await self._invoke(st, value, self._keyer(st, None), None, None)
         result = outcome.result
         if outcome.entry_id:
             st.entry_ids.append(outcome.entry_id)
@@ -433,6 +478,8 @@ class _Run:
             meta["key"] = outcome.entry_id.split(".")[0]
         if outcome.saved_ms:
             meta["saved_ms"] = outcome.saved_ms
+        if st.id in self.pool_wait:
+            meta["pool_wait_ms"] = self.pool_wait[st.id]
         self._finish(st, result.model_copy(update={"metadata": meta}), result.output)
 
     def _input_of(self, st: _StageState) -> Any:
@@ -457,34 +504,32 @@ class _Run:
             st.digest = digest(st.output)
         return st.digest
 
-    def _keyer(
-        self, st: _StageState, item: Any, item_digest: bytes | None
-    ) -> Callable[[], str] | None:
+    def _keyer(self, st: _StageState, item_digest: bytes | None) -> Callable[[], KeyInfo] | None:
         """A function computing the cache key of ``st`` (for one item), or None when off."""
         cache = self.cache
         if cache is None or not st.sdef.cache:
             return None
         sdef = st.sdef
+        fanned = _fanned(sdef) if item_digest is not None else None
 
-        def key() -> str:
+        def key() -> KeyInfo:
             parts = cache.stage_parts(sdef)
-            names: tuple[str, ...] | None
             if not sdef.inputs:
-                names, digests = None, [self._digest_of(None)]
-            else:
-                names = tuple(sdef.inputs) if len(sdef.inputs) > 1 else None
-                digests = []
-                for dep in sdef.inputs:
-                    if item_digest is not None and dep == _fanned(sdef):
-                        digests.append(item_digest)
-                        continue
-                    try:
-                        digests.append(self._digest_of(dep))
-                    except FingerprintError as exc:
-                        raise FingerprintError(
-                            exc.value_type, f"input '{dep}' ({exc.where})", sdef.id
-                        ) from None
-            return cache.key(parts, names, digests)
+                digests = [item_digest if item_digest is not None else self._digest_of(None)]
+                return cache.key(parts, (), digests, item_digest)
+            digests = []
+            for dep in sdef.inputs:
+                if dep == fanned:
+                    assert item_digest is not None
+                    digests.append(item_digest)
+                    continue
+                try:
+                    digests.append(self._digest_of(dep))
+                except FingerprintError as exc:
+                    raise FingerprintError(
+                        exc.value_type, f"input '{dep}' ({exc.where})", sdef.id
+                    ) from None
+            return cache.key(parts, sdef.inputs, digests, item_digest)
 
         return key
 
@@ -494,7 +539,7 @@ class _Run:
         self,
         st: _StageState,
         value: Any,
-        keyer: Callable[[], str] | None,
+        keyer: Callable[[], KeyInfo] | None,
         item_index: int | None,
         limiter: anyio.CapacityLimiter | None,
     ) -> _Outcome:
@@ -507,9 +552,10 @@ class _Run:
                 outcome.cache = "off"
             return outcome
         try:
-            key = keyer()
+            info = keyer()
         except (FingerprintError, CacheError) as exc:
             return _Outcome(_fail_result(sdef.id, _with_stage(exc, sdef.id)))
+        key = info.key
         forced = sdef.id in self.force
         if not forced:
             hit = cache.lookup(key, self.context, sdef.id)
@@ -526,7 +572,7 @@ class _Run:
             if outcome.result.success:
                 try:
                     outcome.digest, outcome.entry_id = await cache.save(
-                        key,
+                        info,
                         sdef,
                         outcome.result.output,
                         recorder,
@@ -644,7 +690,13 @@ class _Run:
             return await self.executor.runner.run(sdef, value, self.context)
         stage = sdef.stage
         if self.pools is not None and sdef.pools:
-            async with self.pools.hold(sdef.pools, self, sdef.id):
+
+            def waited(pool: str, ms: float) -> None:
+                self.pool_wait[sdef.id] = self.pool_wait.get(sdef.id, 0.0) + ms
+                if self.on_event is not None:
+                    self.emit(PoolWaited(self.run_id, sdef.id, pool, ms))
+
+            async with self.pools.hold(sdef.pools, waited):
                 return await _call_body(stage, value, self.context)
         return await _call_body(stage, value, self.context)
 
@@ -670,14 +722,16 @@ class _Run:
         outcomes: list[_Outcome | None] = [None] * total
         limit = sdef.max_concurrent_fan_out
         limiter = anyio.CapacityLimiter(limit) if limit is not None else None
-        from .cache._fingerprint import digest
+        if self.cache is not None and sdef.cache:
+            # Only a cached stage hashes its items; without a cache nothing is hashed.
+            from .cache._fingerprint import digest
 
         def call_value(item: Any) -> Any:
             if len(sdef.inputs) <= 1:
                 return item
             return {**value, fanned: item}
 
-        keyers: list[Callable[[], str] | None] = [None] * total
+        keyers: list[Callable[[], KeyInfo] | None] = [None] * total
         done = 0
         cached = 0
         pending: list[int] = []
@@ -698,23 +752,23 @@ class _Run:
                     )
                     done += 1
                     continue
-                keyer = self._keyer(st, item, item_digest)
+                keyer = self._keyer(st, item_digest)
             keyers[i] = keyer
             # Consult the cache before taking a slot: cached items never wait.
             if keyer is not None and sdef.id not in self.force and self.cache is not None:
                 try:
-                    key = keyer()
+                    info = keyer()
                 except (FingerprintError, CacheError) as exc:
                     outcomes[i] = _Outcome(_fail_result(sdef.id, _with_stage(exc, sdef.id)))
                     done += 1
                     continue
-                hit = self.cache.lookup(key, self.context, sdef.id)
+                hit = self.cache.lookup(info.key, self.context, sdef.id)
                 if hit is not None:
                     outcomes[i] = self._serve(st, hit, i)
                     done += 1
                     cached += 1
                     continue
-                keyers[i] = _const(key)
+                keyers[i] = _const(info)
             pending.append(i)
         if self.on_event is not None and done:
             self.emit(FanOutProgress(self.run_id, st.id, done, total, cached))
@@ -763,6 +817,8 @@ class _Run:
             "items_executed": ran,
             "saved_ms": sum(o.saved_ms for o in outcomes if o is not None),
         }
+        if st.id in self.pool_wait:
+            meta["pool_wait_ms"] = self.pool_wait[st.id]
         if self.cache is not None and st.sdef.cache:
             meta["cache"] = (
                 "hit" if hits == total and total else ("forced" if st.id in self.force else "miss")
@@ -814,11 +870,11 @@ class _Run:
                 skipped.append(sid)
             elif status == StageStatus.CACHED.value:
                 cached.append(sid)
+            # Executed: the body ran (at least one attempt), whether it then succeeded
+            # or failed; not a condition that raised, nor a FAN_OUT with no items.
             if status in (StageStatus.SUCCEEDED.value, StageStatus.FAILED.value):
-                if result.metadata.get("items_executed", 1) or not result.metadata.get("items"):
+                if result.metadata.get("attempts", 0) > 0:
                     executed.append(sid)
-            elif status == StageStatus.CACHED.value:
-                pass
         critical_failure = any(self.states[sid].sdef.critical for sid in failed)
         success = not critical_failure and not cancelled
         metadata: dict[str, Any] = {"metrics": dict(self.context.metrics)}
@@ -878,7 +934,7 @@ def _fanned(sdef: StageDefinition) -> str | None:
     return sdef.inputs[0] if sdef.inputs else None
 
 
-def _const(value: str) -> Callable[[], str]:
+def _const(value: KeyInfo) -> Callable[[], KeyInfo]:
     return lambda: value
 
 

@@ -1,0 +1,72 @@
+"""The one place that computes cache keys.
+
+A stage's key is xxh3-128 over the canonical encoding of::
+
+    ("twinklr_pipe.key", CACHE_FORMAT_VERSION, identity, version, config fingerprint,
+     input names (multi-input stages only), input content hashes in input order)
+
+Not in the key: pipeline name, stage id, run id, time, context services, retries,
+timeouts and concurrency limits. A FAN_OUT item's key is the same recipe with the
+fanned input's hash replaced by the item's fingerprint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import FingerprintError
+from ._entry import CACHE_FORMAT_VERSION
+from ._fingerprint import fingerprint
+from ._identity import config_fingerprint, stage_config, stage_identity, stage_version
+
+__all__ = ["StageParts", "compute_key", "stage_parts"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StageParts:
+    """Everything about a stage that goes into its key, apart from its inputs."""
+
+    identity: str
+    version: str
+    version_is_source_hash: bool
+    config_fields: dict[str, str]
+    config_fingerprint: str
+
+
+def stage_parts(stage: Any, stage_id: str) -> StageParts:
+    """The key parts of a stage object; ``FingerprintError`` names the stage and field.
+
+    Not memoized here: a stage's configuration may be edited between runs in one
+    process (a notebook), so the executor computes it once per run.
+    """
+    try:
+        config = stage_config(stage)
+    except FingerprintError as exc:
+        raise exc.for_stage(stage_id) from None
+    version, is_source = stage_version(stage)
+    return StageParts(
+        identity=stage_identity(stage),
+        version=version,
+        version_is_source_hash=is_source,
+        config_fields=config,
+        config_fingerprint=config_fingerprint(config),
+    )
+
+
+def compute_key(
+    parts: StageParts, input_names: Sequence[str] | None, input_hashes: Sequence[str]
+) -> str:
+    """The cache key of a stage (or FAN_OUT item) from its parts and input hashes."""
+    return fingerprint(
+        (
+            "twinklr_pipe.key",
+            CACHE_FORMAT_VERSION,
+            parts.identity,
+            parts.version,
+            parts.config_fingerprint,
+            tuple(input_names) if input_names is not None else None,
+            tuple(input_hashes),
+        )
+    )

@@ -1,0 +1,419 @@
+"""The cache as one run of the executor sees it: lookup, single-flight, save, replay.
+
+The executor calls into ``CacheRuntime`` from ``_Run._invoke`` only; this is the
+one place that reads and writes entries during a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.to_thread
+import xxhash
+
+from .._context import _MISSING as _ABSENT_READ
+from .._context import DELETED
+from ..errors import CodecError, FingerprintError, StoreError
+from ._codec import decode, decode_json_tree, encode, encode_json_tree
+from ._entry import CacheStore, EntryMeta
+from ._fingerprint import digest, fingerprint
+from ._keys import StageParts, compute_key, stage_parts
+
+if TYPE_CHECKING:
+    from .._context import PipelineContext, StateRecorder
+    from .._definition import StageDefinition
+
+__all__ = ["CacheRuntime", "Hit", "KeyInfo", "reads_match"]
+
+logger = logging.getLogger("twinklr_pipe")
+
+#: Payloads larger than this are read in a worker thread, not on the event loop.
+_INLINE_READ_BYTES = 1 << 20
+
+#: Fingerprint recorded for a state key that was absent when read.
+MISSING_STATE = xxhash.xxh3_128_hexdigest(b"\x00twinklr_pipe:missing-state-key")
+_ABSENT: Any = object()
+
+
+class KeyInfo:
+    """A computed key and the input hashes that went into it (stored for explanations)."""
+
+    __slots__ = ("input_hashes", "input_names", "item_fingerprint", "key")
+
+    def __init__(
+        self,
+        key: str,
+        input_names: list[str],
+        input_hashes: list[str],
+        item_fingerprint: str | None,
+    ) -> None:
+        self.key = key
+        self.input_names = input_names
+        self.input_hashes = input_hashes
+        self.item_fingerprint = item_fingerprint
+
+
+class Hit:
+    """A usable entry: its metadata, the decoded value and the value's 16-byte digest."""
+
+    __slots__ = ("digest", "meta", "value")
+
+    def __init__(self, meta: EntryMeta, value: Any, value_digest: bytes) -> None:
+        self.meta = meta
+        self.value = value
+        self.digest = value_digest
+
+
+def state_fingerprint(state: dict[str, Any], key: str) -> str:
+    """What a recorded read of ``key`` is compared against (``"*"``: the whole state)."""
+    if key == "*":
+        return fingerprint(dict(dict.items(state)))
+    value = dict.get(state, key, _ABSENT)
+    return MISSING_STATE if value is _ABSENT else fingerprint(value)
+
+
+def reads_match(reads: dict[str, str], state: dict[str, Any]) -> bool:
+    """Whether every recorded state read still sees the same value."""
+    for key, expected in reads.items():
+        try:
+            if state_fingerprint(state, key) != expected:
+                return False
+        except FingerprintError:
+            return False
+    return True
+
+
+class CacheRuntime:
+    """Cache operations for one run of one pipeline."""
+
+    def __init__(
+        self,
+        store: CacheStore,
+        *,
+        pipeline: str,
+        run_id: str,
+        allow_pickle: bool = False,
+        dedupe: bool = False,
+    ) -> None:
+        self.store = store
+        self.pipeline = pipeline
+        self.run_id = run_id
+        self.allow_pickle = allow_pickle
+        self.dedupe = dedupe
+        self._parts: dict[int, tuple[Any, StageParts]] = {}
+        self._locks: dict[str, anyio.Lock] = {}
+        self._touched: dict[str, None] = {}
+        self._limiter = anyio.CapacityLimiter(4)
+        self._store_error_logged = False
+        self.hits = 0
+        self.stored = 0
+        self.saved_ms = 0.0
+        self.saved_metrics: dict[str, float] = {}
+        self.store_errors = 0
+
+    # -- keys -----------------------------------------------------------------------------
+
+    def stage_parts(self, sdef: StageDefinition) -> StageParts:
+        """Key parts of a stage, computed once per run."""
+        found = self._parts.get(id(sdef.stage))
+        if found is not None and found[0] is sdef.stage:
+            return found[1]
+        parts = stage_parts(sdef.stage, sdef.id)
+        self._parts[id(sdef.stage)] = (sdef.stage, parts)
+        return parts
+
+    def key(
+        self,
+        parts: StageParts,
+        names: Sequence[str],
+        digests: Sequence[bytes],
+        item_digest: bytes | None = None,
+    ) -> KeyInfo:
+        """Key of a stage whose inputs ``names`` (``[]``: the initial input) hash to ``digests``.
+
+        Input names are part of the key only for multi-input stages, which receive
+        a dict keyed by them.
+        """
+        hashes = [d.hex() for d in digests]
+        key = compute_key(parts, tuple(names) if len(names) > 1 else None, hashes)
+        return KeyInfo(
+            key,
+            list(names) or ["<initial input>"],
+            hashes,
+            item_digest.hex() if item_digest is not None else None,
+        )
+
+    # -- lookup -----------------------------------------------------------------------------
+
+    def lookup(self, key: str, context: PipelineContext, stage_id: str) -> Hit | None:
+        """Find a usable entry for ``key`` (on the event loop: small payloads only)."""
+        return self._lookup(key, context, stage_id, inline=True)
+
+    async def lookup_async(self, key: str, context: PipelineContext, stage_id: str) -> Hit | None:
+        """Find a usable entry for ``key``, reading payloads in a worker thread."""
+        return await anyio.to_thread.run_sync(
+            self._lookup, key, context, stage_id, False, limiter=self._limiter
+        )
+
+    def _lookup(
+        self, key: str, context: PipelineContext, stage_id: str, inline: bool
+    ) -> Hit | None:
+        try:
+            variants = self.store.variants(key)
+        except StoreError as exc:
+            self._store_failed("read", exc)
+            return None
+        state = context.state
+        for meta in variants:
+            if meta.state_reads and not reads_match(meta.state_reads, state):
+                continue
+            if inline and meta.size_bytes > _INLINE_READ_BYTES:
+                return None  # read it in a thread (lookup_async)
+            hit = self._load(meta, stage_id)
+            if hit is not None:
+                self._touched[meta.entry_id] = None
+                self.hits += 1
+                self.saved_ms += meta.compute_duration_ms
+                for name, value in meta.metrics.items():
+                    if isinstance(value, int | float) and not isinstance(value, bool):
+                        self.saved_metrics[name] = self.saved_metrics.get(name, 0) + value
+                return hit
+        return None
+
+    def _load(self, meta: EntryMeta, stage_id: str) -> Hit | None:
+        try:
+            got = self.store.get(meta.entry_id)
+        except StoreError as exc:
+            self._store_failed("read", exc)
+            return None
+        if got is None:
+            return None
+        meta, payload = got
+        try:
+            value = decode(meta.codec, payload, allow_pickle=self.allow_pickle)
+        except CodecError as exc:
+            logger.warning(
+                "Cached entry %s of stage '%s' cannot be used (%s); recomputing",
+                meta.key[:8],
+                stage_id,
+                exc,
+            )
+            if not meta.codec.startswith("pickle"):
+                self._evict(meta)
+            return None
+        if meta.codec.startswith("pickle"):
+            # Pickled values may not be fingerprintable; the payload checksum (verified
+            # by the store) and the hash recorded at save time stand for the content.
+            return Hit(meta, value, bytes.fromhex(meta.output_hash))
+        try:
+            value_digest = digest(value)
+        except FingerprintError:
+            value_digest = b""
+        if value_digest.hex() != meta.output_hash:
+            # Schema drift (a model gained a default field) or damage that still decodes:
+            # the value is not what was stored, so it must not be served.
+            logger.warning(
+                "Cached entry %s of stage '%s' decodes to a different value than it stored "
+                "(did its output class change?); recomputing",
+                meta.key[:8],
+                stage_id,
+            )
+            self._evict(meta)
+            return None
+        return Hit(meta, value, value_digest)
+
+    def _evict(self, meta: EntryMeta) -> None:
+        with contextlib.suppress(StoreError):
+            self.store.delete(meta.entry_id)
+
+    def replay(self, hit: Hit, context: PipelineContext) -> None:
+        """Apply the state writes recorded with an entry, as if the stage had run."""
+        state = context.state
+        for name, tree in hit.meta.state_writes.items():
+            if tree == {"deleted": True}:
+                dict.pop(state, name, None)
+            else:
+                dict.__setitem__(state, name, decode_json_tree(tree["value"]))
+
+    # -- single flight ----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def single_flight(self, key: str) -> AsyncIterator[None]:
+        """Identical work in flight runs once: later arrivals wait, then find the entry."""
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = anyio.Lock()
+        async with lock:
+            if not self.dedupe:
+                yield
+                return
+            file_lock = getattr(self.store, "lock", None)
+            if file_lock is None:
+                yield
+                return
+            held = file_lock(key)
+            await anyio.to_thread.run_sync(held.__enter__, limiter=self._limiter)
+            try:
+                yield
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(held.__exit__, None, None, None)
+
+    # -- save -------------------------------------------------------------------------------
+
+    async def save(
+        self,
+        info: KeyInfo,
+        sdef: StageDefinition,
+        output: Any,
+        recorder: StateRecorder,
+        *,
+        item_index: int | None,
+        duration_ms: float,
+    ) -> tuple[bytes, str | None]:
+        """Encode, hash and store a successful output; return its digest and entry id.
+
+        Raises ``CodecError`` (output cannot be stored) or ``FingerprintError`` (output
+        cannot be hashed). A failing store is logged once per run, not raised: the
+        result is returned uncached.
+        """
+        try:
+            codec, payload = encode(output, allow_pickle=self.allow_pickle)
+        except CodecError as exc:
+            raise CodecError(f"Stage '{sdef.id}': {exc}") from None
+        if codec.startswith("pickle"):
+            value_digest = xxhash.xxh3_128_digest(b"pickle\x00" + payload)
+        else:
+            try:
+                value_digest = digest(output)
+            except FingerprintError as exc:
+                raise FingerprintError(exc.value_type, f"output ({exc.where})", sdef.id) from None
+        entry = self._entry_meta(
+            info, sdef, codec, payload, value_digest, recorder, item_index, duration_ms
+        )
+        if entry is None:
+            return value_digest, None
+        try:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(
+                    self.store.put, entry, payload, limiter=self._limiter
+                )
+        except StoreError as exc:
+            self._store_failed("write", exc)
+            return value_digest, None
+        self.stored += 1
+        return value_digest, entry.entry_id
+
+    def _entry_meta(
+        self,
+        info: KeyInfo,
+        sdef: StageDefinition,
+        codec: str,
+        payload: bytes,
+        value_digest: bytes,
+        recorder: StateRecorder,
+        item_index: int | None,
+        duration_ms: float,
+    ) -> EntryMeta | None:
+        reads: dict[str, str] = {}
+        try:
+            for name, value in recorder.reads.items():
+                if name == "*":
+                    reads["*"] = fingerprint(value)
+                else:
+                    reads[str(name)] = (
+                        MISSING_STATE if value is _ABSENT_READ else fingerprint(value)
+                    )
+        except FingerprintError as exc:
+            logger.warning(
+                "Stage '%s' read context state of type %s that cannot be fingerprinted; "
+                "its result is not cached",
+                sdef.id,
+                exc.value_type.__qualname__,
+            )
+            return None
+        writes: dict[str, Any] = {}
+        try:
+            for name, value in recorder.writes.items():
+                writes[str(name)] = (
+                    {"deleted": True} if value is DELETED else {"value": encode_json_tree(value)}
+                )
+        except CodecError as exc:
+            logger.warning(
+                "Stage '%s' wrote context state the cache cannot store (%s); "
+                "its result is not cached",
+                sdef.id,
+                exc,
+            )
+            return None
+        parts = self.stage_parts(sdef)
+        now = time.time()
+        metrics = {
+            k: v
+            for k, v in recorder.metrics.items()
+            if isinstance(v, int | float | str | bool) or v is None
+        }
+        return EntryMeta(
+            key=info.key,
+            variant=fingerprint(reads) if reads else "0",
+            pipeline=self.pipeline,
+            stage_id=sdef.id,
+            stage_identity=parts.identity,
+            version=parts.version,
+            version_is_source_hash=parts.version_is_source_hash,
+            config_fingerprint=parts.config_fingerprint,
+            config_fields=parts.config_fields,
+            input_names=info.input_names,
+            input_hashes=info.input_hashes,
+            item_fingerprint=info.item_fingerprint,
+            item_index=item_index,
+            output_hash=value_digest.hex(),
+            codec=codec,
+            payload_checksum=xxhash.xxh3_128_hexdigest(payload),
+            size_bytes=len(payload),
+            created_at=now,
+            last_used_at=now,
+            compute_duration_ms=duration_ms,
+            metrics=metrics,
+            run_id=self.run_id,
+            state_reads=reads,
+            state_writes=writes,
+        )
+
+    def _store_failed(self, action: str, exc: StoreError) -> None:
+        self.store_errors += 1
+        if not self._store_error_logged:
+            self._store_error_logged = True
+            logger.warning(
+                "Cache %s failed (%s); results of this run are returned uncached "
+                "(further store errors in this run are not logged)",
+                action,
+                exc,
+            )
+
+    # -- end of run -------------------------------------------------------------------------
+
+    async def finish(self) -> None:
+        """Record which entries this run used (one batched write)."""
+        if not self._touched:
+            return
+        ids = list(self._touched)
+        self._touched.clear()
+        try:
+            await anyio.to_thread.run_sync(self.store.touch, ids, time.time())
+        except StoreError as exc:
+            self._store_failed("write", exc)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "hits": self.hits,
+            "stored": self.stored,
+            "saved_ms": self.saved_ms,
+            "saved_metrics": dict(self.saved_metrics),
+            "store_errors": self.store_errors,
+        }
