@@ -33,7 +33,7 @@ from twinklr_pipe import (
     PipelineResult,
     StageDefinition,
 )
-from twinklr_pipe.cache._fingerprint import FileInput
+from twinklr_pipe.cache import FileInput
 from twinklr_pipe.examples import sequencer
 from twinklr_pipe.examples.audio import AudioFeatures, analyse
 from twinklr_pipe.examples.providers import Completion, OfflineProvider

@@ -80,7 +80,7 @@ from twinklr_pipe import (
     StageResult,
     success_result,
 )
-from twinklr_pipe.cache._fingerprint import FileInput
+from twinklr_pipe.cache import FileInput
 
 from .audio import AudioFeatures, analyse, read_wav
 from .providers import Completion, LLMProvider, OfflineProvider
