@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -488,6 +489,23 @@ class TestDiskDamage:
         with DiskCacheStore(tmp_path / "c") as third:
             put(third)
         assert len(list((tmp_path / "c").glob("store.damaged-*"))) == 1
+
+    def test_forked_child_closing_keeps_the_parent_lock(self, disk: DiskCacheStore) -> None:
+        """A forked child that closes its copy of the store does not unlock the parent's."""
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            try:
+                disk.close()
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        fd = os.open(disk.directory / "store.lock", os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        assert disk.get_meta(put(disk).entry_id) is not None
 
 
 class TestDiskWrites:

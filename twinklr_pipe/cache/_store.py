@@ -444,6 +444,7 @@ class DiskCacheStore:
         self._damaged: str | None = None
         self._closed = False
         self._lock_fd: int | None = None
+        self._pid = os.getpid()
         try:
             self.format_version = self._prepare_directory()
             self._open()
@@ -628,8 +629,11 @@ class DiskCacheStore:
     def _release_store_lock(self) -> None:
         fd, self._lock_fd = self._lock_fd, None
         if fd is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
+            # A forked child shares the lock with its parent: unlocking would release
+            # the parent's lock too. Closing its copy of the descriptor does not.
+            if os.getpid() == self._pid:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
     # -- access to the database --------------------------------------------------
