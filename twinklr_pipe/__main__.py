@@ -1,0 +1,10 @@
+"""``python -m twinklr_pipe``: the ``pipe`` command line."""
+
+from __future__ import annotations
+
+from ._cli import main
+
+__all__: list[str] = []
+
+if __name__ == "__main__":
+    main()
