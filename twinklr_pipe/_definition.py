@@ -1,4 +1,4 @@
-"""Declarative pipeline definitions: ``StageDefinition``, ``PipelineDefinition``, ``RetryConfig``."""
+"""Declarative definitions: ``StageDefinition``, ``PipelineDefinition``, ``RetryConfig``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 __all__ = ["ExecutionPattern", "PipelineDefinition", "RetryConfig", "StageDefinition"]
 
 
-class ExecutionPattern(str, enum.Enum):
+class ExecutionPattern(str, enum.Enum):  # noqa: UP042 -- keep str()/format() as released
     """How a stage is run once its inputs are ready."""
 
     SEQUENTIAL = "sequential"  #: once, with its inputs
@@ -29,8 +29,9 @@ class RetryConfig(BaseModel):
 
     After attempt ``n`` fails, the next one starts after
     ``initial_delay_ms * backoff_multiplier ** (n - 1)`` milliseconds, capped at
-    ``max_delay_ms`` and spread by ± ``jitter`` (a fraction of the delay). Only errors containing one of the
-    ``retryable_errors`` substrings are retried, when it is given.
+    ``max_delay_ms`` and spread by ± ``jitter`` (a fraction of the delay). Only
+    errors containing one of the ``retryable_errors`` substrings are retried, when
+    it is given.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")

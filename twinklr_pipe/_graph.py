@@ -144,7 +144,7 @@ def find_cycle(edges: Mapping[str, Sequence[str]]) -> list[str] | None:
                 if color.get(nxt, black) == grey:
                     start = path.index(nxt)
                     # Report in data-flow order: producer -> consumer.
-                    cycle = path[start:] + [nxt]
+                    cycle = [*path[start:], nxt]
                     return list(reversed(cycle))
                 if color.get(nxt) == white:
                     color[nxt] = grey

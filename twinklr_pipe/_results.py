@@ -22,7 +22,7 @@ __all__ = [
 T = TypeVar("T")
 
 
-class StageStatus(str, enum.Enum):
+class StageStatus(str, enum.Enum):  # noqa: UP042 -- keep str()/format() as released
     """How a stage ended in a run."""
 
     SUCCEEDED = "succeeded"  #: its body ran and succeeded
@@ -54,11 +54,16 @@ class StageResult(BaseModel, Generic[T]):
         return bool(self.metadata.get("cancelled"))
 
 
+#: ``StageResult[Any]``, parametrized once: subscripting a generic model costs a
+#: cache-key computation on every call, and the helpers below run once per stage.
+_AnyResult = StageResult[Any]
+
+
 def success_result(
     output: T, *, stage_name: str, metadata: dict[str, Any] | None = None
 ) -> StageResult[T]:
     """A successful result carrying ``output``."""
-    return StageResult[Any](
+    return _AnyResult(
         success=True, stage_name=stage_name, output=output, metadata=dict(metadata or {})
     )
 
@@ -67,14 +72,14 @@ def failure_result(
     error: str, *, stage_name: str, metadata: dict[str, Any] | None = None
 ) -> StageResult[Any]:
     """A failed result with a human-readable ``error``."""
-    return StageResult[Any](
+    return _AnyResult(
         success=False, stage_name=stage_name, error=error, metadata=dict(metadata or {})
     )
 
 
 def skipped_result(*, stage_name: str, reason: str) -> StageResult[Any]:
     """A skipped stage: a success with no output and ``metadata["skipped"] is True``."""
-    return StageResult[Any](
+    return _AnyResult(
         success=True,
         stage_name=stage_name,
         output=None,
@@ -84,7 +89,7 @@ def skipped_result(*, stage_name: str, reason: str) -> StageResult[Any]:
 
 def cancelled_result(*, reason: str, stage_name: str) -> StageResult[Any]:
     """A cancelled stage: a failure with ``metadata["cancelled"] is True``."""
-    return StageResult[Any](
+    return _AnyResult(
         success=False,
         stage_name=stage_name,
         error=f"cancelled: {reason}",
