@@ -190,6 +190,25 @@ class TestSourceHash:
         assert source_hash(mod.make("a")) != source_hash(mod.make("b"))
         assert source_hash(mod.make("a")) == source_hash(mod.make("a"))
 
+    def test_class_defined_in_a_factory_includes_the_captured_values(self, load: Loader) -> None:
+        """Methods' closures and class attributes copied from locals are hashed by value."""
+        mod = load(
+            stagemod="""
+            def make(prompt, model):
+                class Stage:
+                    model_name = model
+
+                    def execute(self, x, context):
+                        return prompt + x
+
+                return Stage
+            """
+        )["stagemod"]
+        first = source_hash(mod.make("a", "m"))
+        assert first == source_hash(mod.make("a", "m"))
+        assert first != source_hash(mod.make("b", "m"))
+        assert first != source_hash(mod.make("a", "n"))
+
     def test_stdlib_and_installed_references_are_not_followed_or_unresolved(
         self, load: Loader
     ) -> None:
@@ -340,6 +359,36 @@ class TestSourceHash:
         assert fn_hash(load, stagemod=template.format(size=1)) != fn_hash(
             load, stagemod=template.format(size=2)
         )
+
+    def test_decorated_helpers_are_followed_through_their_wrappers(self, load: Loader) -> None:
+        """The body of an ``lru_cache``- or ``functools.wraps``-decorated helper counts."""
+        template = """
+            import functools
+
+            def logged(fn):
+                @functools.wraps(fn)
+                def wrapper(*args):
+                    return fn(*args)
+                return wrapper
+
+            @functools.lru_cache
+            def cached(x):
+                return x {op} 1
+
+            @logged
+            def traced(x):
+                return x {op} 2
+
+            def run(x, context):
+                return cached(x), traced(x)
+            """
+        plus = load(stagemod=template.format(op="+"))["stagemod"].run
+        report = source_report(plus)
+        assert report.unresolved == []
+        assert {"stagemod:cached", "stagemod:traced", "stagemod:logged.<locals>.wrapper"} <= set(
+            report.followed
+        )
+        assert report.hash != fn_hash(load, stagemod=template.format(op="-"))
 
     def test_class_source_follows_user_base_classes(self, load: Loader) -> None:
         """A class-based stage's hash covers its methods and its user base class."""

@@ -93,8 +93,6 @@ import threading
 import typing
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from itertools import repeat
-from operator import attrgetter, is_
 from types import (
     BuiltinFunctionType,
     CellType,
@@ -165,10 +163,38 @@ class SourceReport:
 # --------------------------------------------------------------------------- identity
 
 
+def _class_attribute(cls: type, name: str) -> object:
+    """``name`` from the first class of the MRO that defines it (no metaclass hooks)."""
+    for klass in cls.__mro__:
+        attrs = vars(klass)
+        if name in attrs:
+            return attrs[name]
+    return _MISSING
+
+
+_marked_types: dict[type, bool] = {}
+
+
 def _is_function_stage(obj: object) -> bool:
+    """Duck-typed ``FunctionStage`` check: the marker set by ``@stage``, and ``fn``.
+
+    The marker is looked up in the class dicts, then in the instance ``__dict__``,
+    never through ``__getattr__`` (slow on pydantic models and their metaclass).
+    """
+    cls = type(obj)
+    marked = _marked_types.get(cls)
+    if marked is None:
+        marked = _class_attribute(cls, "__twinklr_function_stage__") is True
+        if len(_marked_types) >= _MEMO_MAX:
+            _marked_types.clear()
+        _marked_types[cls] = marked
+    if not marked:
+        attrs = getattr(obj, "__dict__", None)
+        if not isinstance(attrs, dict) or attrs.get("__twinklr_function_stage__") is not True:
+            return False
     try:
-        return getattr(obj, "__twinklr_function_stage__", False) is True and hasattr(obj, "fn")
-    except Exception:  # a hostile __getattr__ is not a function stage
+        return callable(getattr(obj, "fn", None))
+    except Exception:  # a hostile property is not a function stage
         return False
 
 
@@ -210,6 +236,23 @@ def stage_identity(stage: object) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+def _version_attribute(stage: object) -> object:
+    """``getattr(stage, "version", None)``, without a failing ``__getattr__`` when possible.
+
+    Pydantic's ``__getattr__`` raises a formatted AttributeError for a missing name,
+    which would cost more than the rest of ``stage_version`` on a memoized call.
+    """
+    attrs = getattr(stage, "__dict__", None)
+    if isinstance(attrs, dict) and "version" in attrs:
+        return attrs["version"]
+    on_class = _class_attribute(type(stage), "version")
+    if on_class is _MISSING and isinstance(stage, BaseModel):
+        return None
+    if on_class is _MISSING or hasattr(type(on_class), "__get__"):
+        return getattr(stage, "version", None)  # a property, slot, method or __getattr__
+    return on_class
+
+
 def stage_version(stage: object) -> tuple[str, bool]:
     """The stage's code version and whether it is a source hash.
 
@@ -229,14 +272,15 @@ def stage_version(stage: object) -> tuple[str, bool]:
         target: object = stage.fn  # type: ignore[attr-defined]
     else:
         target = type(stage)
-    explicit = getattr(stage, "version", None)
-    if explicit is not None and explicit != "":
-        if not isinstance(explicit, str):
-            raise TypeError(
-                f"Stage {stage_identity(stage)}: version must be a str such as "
-                f'version = "2", not {type(explicit).__qualname__} ({explicit!r}).'
-            )
-        return explicit, False
+    explicit = _version_attribute(stage)
+    if isinstance(explicit, str):
+        if explicit:
+            return explicit, False
+    elif explicit is not None:
+        raise TypeError(
+            f"Stage {stage_identity(stage)}: version must be a str such as "
+            f'version = "2", not {type(explicit).__qualname__} ({explicit!r}).'
+        )
     return "src:" + source_hash(target), True
 
 
@@ -277,7 +321,8 @@ def _module_kind(modname: str) -> str:
             kind = "stdlib"
         else:
             kind = "user"
-    _module_kinds[modname] = kind
+    if module is not None:  # a module not imported yet may be imported from anywhere
+        _module_kinds[modname] = kind
     return kind
 
 
@@ -703,6 +748,9 @@ class _Walker:
             self.unresolved.append(f"{key}: {NO_SOURCE}")
             names = sorted(_code_names(code))
             self._resolve_names(key, names, namespace, closure, refs)
+        wrapped = vars(fn).get("__wrapped__", _MISSING)
+        if wrapped is not _MISSING:
+            refs["<wrapped>"] = self._classify(wrapped, key, "<wrapped>")
         for index, default in enumerate(fn.__defaults__ or ()):
             label = f"<default {index}>"
             refs[label] = self._classify(default, key, label)
@@ -719,16 +767,23 @@ class _Walker:
         module = sys.modules.get(cls.__module__)
         namespace: dict[str, Any] = vars(module) if module is not None else {}
         methods = [(name, fn) for name, fn in _class_functions(cls) if _own_code(cls, fn)]
+        # Methods of a class defined in a function read its locals through their closures.
+        closure: dict[str, CellType] = {}
         for _, fn in methods:
             self.code_guards[id(fn)] = (fn, fn.__code__)
+            cells = zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=False)
+            closure.update((name, cell) for name, cell in cells if name != "__class__")
         refs: dict[str, str] = {}
+        if "<locals>" in cls.__qualname__:
+            # Its body may also copy locals into class attributes: hash those by value.
+            record["runtime"] = self._class_runtime_digest(cls, [])
         source = _parse_source(cls)
         if source is not None:
             is_model = issubclass(cls, BaseModel)
             _strip_docstrings(source.tree, keep_class_doc=is_model)
             _drop_pipe_decorators(source.tree, namespace)
             record["ast"] = _digest(ast.dump(source.tree, annotate_fields=True))
-            self._resolve_tree(key, source, namespace, {}, refs)
+            self._resolve_tree(key, source, namespace, closure, refs)
             if not self._class_matches(cls, methods, source):
                 record["bytecode"] = self._class_runtime_digest(cls, methods)
                 self.unresolved.append(f"{key}: {SOURCE_DIFFERS}")
@@ -738,7 +793,7 @@ class _Walker:
             names: set[str] = set()
             for _, fn in methods:
                 names |= _code_names(fn.__code__)
-            self._resolve_names(key, sorted(names), namespace, {}, refs)
+            self._resolve_names(key, sorted(names), namespace, closure, refs)
         for index, base in enumerate(cls.__bases__):
             refs[f"<base {index}>"] = self._code_ref(base)
         record["refs"] = sorted(refs.items())
@@ -1016,24 +1071,27 @@ def _is_external_name(value: object, is_user: Callable[[object], bool]) -> bool:
 class _Memo:
     obj: object  # a strong reference keeps ``id(obj)`` from being reused
     report: SourceReport
-    dicts: tuple[dict[str, Any], ...]
-    keys: tuple[str, ...]
-    values: tuple[object, ...]
-    functions: tuple[FunctionType, ...]
-    codes: tuple[CodeType, ...]
-    cells: tuple[CellType, ...]
-    contents: tuple[object, ...]
+    #: (namespace, name, value): every global, module attribute or instance
+    #: attribute that was read, with what it was bound to (``_MISSING`` if unbound).
+    bindings: tuple[tuple[dict[str, Any], str, object], ...]
+    codes: tuple[tuple[FunctionType, CodeType], ...]
+    cells: tuple[tuple[CellType, object], ...]
 
     def is_current(self) -> bool:
         """True while every binding the hash was computed from is unchanged."""
-        return (
-            all(map(is_, map(dict.get, self.dicts, self.keys, repeat(_MISSING)), self.values))
-            and all(map(is_, map(_get_code, self.functions), self.codes))
-            and all(map(is_, map(_cell_value, self.cells), self.contents))
-        )
+        missing = _MISSING
+        for namespace, name, value in self.bindings:
+            if namespace.get(name, missing) is not value:
+                return False
+        for fn, code in self.codes:
+            if fn.__code__ is not code:
+                return False
+        for cell, content in self.cells:
+            if _cell_value(cell) is not content:
+                return False
+        return True
 
 
-_get_code: Callable[[FunctionType], CodeType] = attrgetter("__code__")
 _memo: dict[int, _Memo] = {}
 
 
@@ -1048,24 +1106,17 @@ def clear_source_cache() -> None:
 def _compute(obj: object) -> _Memo:
     walker = _Walker(obj)
     digest = walker.run()
-    dict_guards = list(walker.dict_guards.values())
-    code_guards = list(walker.code_guards.values())
-    cell_guards = list(walker.cell_guards.values())
     return _Memo(
         obj=obj,
         report=SourceReport(digest, walker.followed, walker.unresolved),
-        dicts=tuple(g[0] for g in dict_guards),
-        keys=tuple(g[1] for g in dict_guards),
-        values=tuple(g[2] for g in dict_guards),
-        functions=tuple(g[0] for g in code_guards),
-        codes=tuple(g[1] for g in code_guards),
-        cells=tuple(g[0] for g in cell_guards),
-        contents=tuple(g[1] for g in cell_guards),
+        bindings=tuple(walker.dict_guards.values()),
+        codes=tuple(walker.code_guards.values()),
+        cells=tuple(walker.cell_guards.values()),
     )
 
 
 def _memoized(obj: object) -> SourceReport:
-    if _is_function_stage(obj):
+    if not isinstance(obj, FunctionType | type) and _is_function_stage(obj):
         obj = obj.fn  # type: ignore[attr-defined]
     memo = _memo.get(id(obj))
     if memo is not None and memo.obj is obj and memo.is_current():
