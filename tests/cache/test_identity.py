@@ -246,6 +246,19 @@ class TestSourceHash:
             load, stagemod=template.format(p="\\w*")
         )
 
+    def test_bound_method_of_a_global_value_includes_the_value(self, load: Loader) -> None:
+        """``lookup = TEMPLATES.get`` is hashed with the dict it is bound to."""
+        template = """
+            TEMPLATES = {{"a": "{text}"}}
+            lookup = TEMPLATES.get
+
+            def run(x, context):
+                return lookup(x)
+            """
+        assert fn_hash(load, stagemod=template.format(text="one")) != fn_hash(
+            load, stagemod=template.format(text="two")
+        )
+
     def test_unresolvable_global_instance_is_reported(self, load: Loader) -> None:
         """A client instance and a missing name are listed, never raised."""
         mod = load(
@@ -645,6 +658,15 @@ class TestStageConfig:
             stage_config(_with_client())
         assert info.value.value_type is Client
         assert info.value.where == "configuration field 'client'"
+
+    def test_nested_unfingerprintable_value_error_names_the_path(self) -> None:
+        """A client inside a field's dict is reported with its path in the field."""
+        stage_obj = PlainStage("p")
+        stage_obj.options = {"client": Client()}  # type: ignore[attr-defined]
+        with pytest.raises(FingerprintError) as info:
+            stage_config(stage_obj)
+        assert info.value.value_type is Client
+        assert info.value.where == "configuration field 'options'['client']"
 
     def test_cache_exclude_must_not_be_a_string(self) -> None:
         """``cache_exclude = ("client")`` (a str) is a TypeError, not per-letter exclusion."""

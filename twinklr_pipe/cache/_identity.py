@@ -1000,7 +1000,14 @@ class _Walker:
             return self._code_ref(value)
         if _is_function_stage(value):
             return "stage:" + self._classify(value.fn, referrer, name)  # type: ignore[attr-defined]
-        if isinstance(value, _BUILTIN_CALLABLES) or _is_external_name(value, self._is_user):
+        if isinstance(value, _BUILTIN_CALLABLES):
+            owner = getattr(value, "__self__", None)
+            if owner is None or isinstance(owner, ModuleType | type):
+                return "ext:" + _qualname(value)
+            # A bound method of a value (``lookup = TEMPLATES.get``): the value counts.
+            owner_marker = self._classify(owner, referrer, f"{name}.__self__")
+            return f"method:ext:{_qualname(value)}|{owner_marker}"
+        if _is_external_name(value, self._is_user):
             return "ext:" + _qualname(value)
         if isinstance(value, MethodType):
             func = self._classify(value.__func__, referrer, name)
@@ -1272,7 +1279,10 @@ def stage_config(stage: object) -> dict[str, str]:
             inner = (
                 exc.where[len("value") :] if exc.where.startswith("value") else f" ({exc.where})"
             )
-            raise FingerprintError(exc.value_type, where=where + inner) from exc
+            error = FingerprintError(exc.value_type, where=where + inner)
+            for note in getattr(exc, "__notes__", ()):
+                error.add_note(note)
+            raise error from exc
     return fields
 
 
