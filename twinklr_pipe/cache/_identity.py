@@ -5,6 +5,8 @@ A key includes three facts about the stage object (inputs are added elsewhere):
 * ``stage_identity`` -- ``module:qualname`` of the function (``@stage``) or class.
 * ``stage_version`` -- an explicit non-empty ``version`` string if the stage has one
   (instance or class attribute; ``@stage(version="2")``), else ``"src:" + source_hash``.
+  An explicit version replaces source hashing entirely: bump it for every change that
+  matters. A ``version`` that is not a string raises ``TypeError``.
 * ``stage_config`` -- field name -> fingerprint of each configuration value.
 
 Source hashing
@@ -27,11 +29,16 @@ References are followed transitively. Each global or closure name the code reads
   regular expressions, pydantic models... anything ``fingerprint`` accepts) is included
   by its value at hash time -- so a mutable global mutated later in the same process is
   not seen until the stage's hash is recomputed;
+* closure cells and default argument values count by value too, as does the object a
+  method is bound to (``lookup = TEMPLATES.get``), and a plain instance attribute read
+  from an object that cannot be hashed whole (``settings.model``);
 * stdlib, builtins and installed packages (files under ``site-packages`` or
   ``dist-packages``) are recorded by name only, never followed: upgrading a package does
   not change the hash, version your stage if that matters;
+* a global the code assigns itself (``global _client``) is state, recorded by name only;
 * anything else (a client instance, a name missing from globals) is listed in
-  ``SourceReport.unresolved`` and contributes a stable marker (its name and type).
+  ``SourceReport.unresolved`` and contributes a stable marker (its name and type). A
+  name only used in annotations (imported under ``TYPE_CHECKING``) is not reported.
 
 A *user module* is any module that is not stdlib, builtin or installed -- except that
 the top-level package of the hashed object's own module is always user code, and
@@ -41,6 +48,8 @@ When in doubt, the hash misses rather than hits:
 
 * pydantic model classes keep their class docstring, because pydantic puts it into the
   JSON schema (often sent to a model); other docstrings are ignored;
+* a class defined inside a function also hashes its class attributes by value (they may
+  come from the function's locals);
 * the source read from disk is checked against the code that is actually loaded
   (constants, names and arguments of every code object, and literal class attributes).
   If the file was edited after import, the loaded bytecode is hashed too and the
