@@ -855,8 +855,16 @@ class _Run:
     def _assemble(self, seconds: float) -> PipelineResult:
         for st in self.states.values():
             if st.result is None:
+                # Never started (fail-fast or a cancel came first): it still ends with one
+                # cancelled result and one StageFinished, so the journal and live view agree.
                 st.result = self._cancelled(st)
                 st.done = True
+                if self.on_event is not None:
+                    self.emit(
+                        StageFinished(
+                            self.run_id, st.id, StageStatus.CANCELLED, 0.0, st.result.error
+                        )
+                    )
         results = {sid: st.result for sid, st in self.states.items() if st.result is not None}
         outputs = {sid: st.output for sid, st in self.states.items()}
         failed, executed, cached, skipped, cancelled = [], [], [], [], []
