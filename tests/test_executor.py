@@ -1008,6 +1008,26 @@ class TestEvents:
         assert finished[0].status is StageStatus.FAILED
         assert finished[0].error == "KeyError: 'k'"
 
+    @pytest.mark.parametrize("fail_fast", [True, False])
+    async def test_every_stage_gets_exactly_one_finished_event(self, fail_fast: bool) -> None:
+        """Stages that fail-fast stops before they start still get one StageFinished."""
+        events: list[PipelineEvent] = []
+        result = await run(
+            [
+                StageDefinition("bad", raising(RuntimeError("x"))),
+                StageDefinition("child", echo("child"), inputs=["bad"]),
+                StageDefinition("grandchild", echo("grandchild"), inputs=["child"]),
+                StageDefinition("other", echo("other")),
+            ],
+            fail_fast=fail_fast,
+            on_event=events.append,
+        )
+        finished = [e for e in events if isinstance(e, StageFinished)]
+        assert sorted(e.stage_id for e in finished) == ["bad", "child", "grandchild", "other"]
+        statuses = {e.stage_id: e.status for e in finished}
+        assert statuses == {sid: result.status(sid) for sid in result.stage_results}
+        assert isinstance(events[-1], RunFinished)
+
     async def test_a_raising_callback_is_logged_and_the_run_succeeds(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
