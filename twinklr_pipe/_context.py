@@ -54,6 +54,10 @@ _recorder: contextvars.ContextVar[StateRecorder | None] = contextvars.ContextVar
     "twinklr_pipe_state_recorder", default=None
 )
 
+#: Serializes ``increment_metric`` across threads. Module-level, not per context, so
+#: a context stays picklable (remote runners ship it).
+_METRICS_LOCK = threading.Lock()
+
 #: Marks a state key as deleted in a recorder's writes.
 DELETED: Any = object()
 
@@ -208,11 +212,14 @@ class PipelineContext:
             rec.metrics[key] = value
 
     def increment_metric(self, key: str, delta: float = 1) -> None:
-        """Add ``delta`` to metric ``key`` (starting from 0)."""
-        self.metrics[key] = self.metrics.get(key, 0) + delta
+        """Add ``delta`` to metric ``key`` (starting from 0); safe from worker threads."""
         rec = _recorder.get()
-        if rec is not None:
-            rec.metrics[key] = rec.metrics.get(key, 0) + delta
+        # Sync stages run in worker threads: a read-modify-write without the lock can
+        # lose increments when two of them count at once.
+        with _METRICS_LOCK:
+            self.metrics[key] = self.metrics.get(key, 0) + delta
+            if rec is not None:
+                rec.metrics[key] = rec.metrics.get(key, 0) + delta
 
     def pool(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
         """Hold one slot of the executor's resource pool ``name`` around a block::
