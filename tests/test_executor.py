@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import sys
 import threading
 from typing import Any
 
@@ -1072,6 +1073,25 @@ class TestContext:
         context.increment_metric("n")
         context.increment_metric("n", 2.5)
         assert context.metrics == {"m": 7, "n": 3.5}
+
+    async def test_increments_from_sync_stages_in_threads_are_not_lost(self) -> None:
+        """Concurrent increment_metric calls from worker threads all count."""
+
+        @stage
+        def bump(item: int, context: PipelineContext) -> None:
+            for _ in range(20_000):
+                context.increment_metric("n")
+
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # switch threads often, to expose lost updates
+        try:
+            result = await run(
+                [StageDefinition("f", bump, pattern=FAN_OUT, max_concurrent_fan_out=None)],
+                list(range(8)),
+            )
+        finally:
+            sys.setswitchinterval(previous)
+        assert result.metadata["metrics"] == {"n": 160_000}
 
     async def test_subclass_with_typed_fields_is_passed_to_stages(self) -> None:
         """A typed subclass reaches every stage, services included."""
