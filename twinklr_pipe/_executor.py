@@ -434,7 +434,10 @@ class _Run:
                 return
         if sdef.condition is not None:
             try:
-                go = bool(sdef.condition(self.context))
+                verdict = sdef.condition(self.context)
+                if inspect.isawaitable(verdict):  # an async condition: a coroutine is truthy
+                    verdict = await verdict
+                go = bool(verdict)
             except Exception as exc:
                 logger.warning("Condition of stage %r raised", st.id, exc_info=True)
                 self._finish(
