@@ -539,6 +539,25 @@ class TestConditional:
         assert song.get_output("lyrics") == "la la"
         assert instrumental.get_result("lyrics").skipped
 
+    async def test_async_condition_is_awaited_not_taken_as_true(self) -> None:
+        """An ``async def`` condition returning False skips the stage (a coroutine is truthy)."""
+
+        async def no(ctx: PipelineContext) -> bool:
+            await anyio.lowlevel.checkpoint()
+            return False
+
+        async def yes(ctx: PipelineContext) -> bool:
+            return True
+
+        result = await run(
+            [
+                StageDefinition("off", const(1), pattern=CONDITIONAL, condition=no),  # type: ignore[arg-type]
+                StageDefinition("on", const(2), pattern=CONDITIONAL, condition=yes),  # type: ignore[arg-type]
+            ]
+        )
+        assert result.get_result("off").skipped
+        assert result.get_output("on") == 2
+
     async def test_raising_condition_fails_the_stage(self) -> None:
         """An exception in the condition fails that stage, naming the exception."""
 
