@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -43,7 +44,6 @@ from typing import Any, Final
 import diskcache
 import xxhash
 from pydantic import ValidationError
-from pydantic_core import SchemaValidator, core_schema
 
 from twinklr_pipe.cache._entry import CACHE_FORMAT_VERSION, EntryMeta
 from twinklr_pipe.errors import CacheFormatError, StoreError
@@ -103,9 +103,12 @@ _META_ROW_SQL: Final = "SELECT key, mode, filename, value FROM Cache WHERE key =
 _RANGE_SQL: Final = (
     "SELECT key, mode, filename, value FROM Cache WHERE key >= ? AND key < ? AND raw = 1"
 )
+# Pages by rowid: a sequential scan of the table, ~2x faster than walking the key index
+# and fetching each row from it ("+key" keeps SQLite off the index).
 _PAGE_SQL: Final = (
-    "SELECT key, mode, filename, value FROM Cache"
-    f" WHERE key > ? AND key < '{_META_END}' AND raw = 1 ORDER BY key LIMIT {_PAGE_ROWS}"
+    "SELECT rowid, key, mode, filename, value FROM Cache WHERE rowid > ?"
+    f" AND +key >= '{_META}' AND +key < '{_META_END}' AND raw = 1"
+    f" ORDER BY rowid LIMIT {_PAGE_ROWS}"
 )
 _SIZE_SQL: Final = (
     "SELECT COALESCE(SUM(CASE WHEN mode = 2 THEN size ELSE length(value) END), 0)"
@@ -129,10 +132,6 @@ _PROBE_SQL: Final = (
     f"SELECT key, mode FROM Cache WHERE key >= '{_META}' AND raw = 1 ORDER BY key LIMIT 1",
     "SELECT key, mode FROM Cache ORDER BY rowid DESC LIMIT 1",
 )
-
-#: Validates a JSON array of metadata records in one call: ~30% faster than one
-#: ``model_validate_json`` per record when listing the whole cache.
-_META_LIST: Final = SchemaValidator(core_schema.list_schema(EntryMeta.__pydantic_core_schema__))
 
 _Row = tuple[str, int, str | None, Any]
 _Columns = tuple[int, int, str | None, Any]
@@ -267,13 +266,6 @@ def _checked_for_put(meta: EntryMeta, payload: bytes) -> EntryMeta:
     return meta.model_copy(update=updates) if updates else meta
 
 
-def _try_decode(data: bytes) -> EntryMeta | None:
-    try:
-        return EntryMeta.model_validate_json(data)
-    except ValidationError:
-        return None
-
-
 def _recency(meta: EntryMeta) -> tuple[float, float, str]:
     return (meta.last_used_at, meta.created_at, meta.variant)
 
@@ -318,6 +310,9 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[bytes, bytes]] = {}
+        # key -> ids of its variants, and id -> key: a lookup must not scan every entry.
+        self._ids: dict[str, dict[str, None]] = {}
+        self._key_of: dict[str, str] = {}
         self._mutex = threading.Lock()
         self._key_locks = _KeyLocks()
 
@@ -343,9 +338,8 @@ class MemoryStore:
         return sorted(self._variants(key), key=_recency, reverse=True)
 
     def _variants(self, key: str) -> list[EntryMeta]:
-        prefix = key + "."
         with self._mutex:
-            raw = [meta for eid, (meta, _) in self._entries.items() if eid.startswith(prefix)]
+            raw = [self._entries[eid][0] for eid in self._ids.get(key, ())]
         metas = (EntryMeta.model_validate_json(data) for data in raw)
         return [meta for meta in metas if meta.key == key]
 
@@ -359,25 +353,35 @@ class MemoryStore:
         meta = _checked_for_put(meta, payload)
         data = _dump_meta(meta)
         with self._mutex:
+            self._delete_locked(meta.entry_id)  # replaced: its id may be indexed under a key
             self._entries[meta.entry_id] = (data, payload)
+            self._ids.setdefault(meta.key, {})[meta.entry_id] = None
+            self._key_of[meta.entry_id] = meta.key
             others = [m for m in self._variants_locked(meta.key) if m.variant != meta.variant]
             excess = len(others) + 1 - MAX_VARIANTS
             for old in sorted(others, key=_recency)[: max(excess, 0)]:
-                del self._entries[old.entry_id]
+                self._delete_locked(old.entry_id)
 
     def _variants_locked(self, key: str) -> list[EntryMeta]:
-        prefix = key + "."
         metas = (
-            EntryMeta.model_validate_json(meta)
-            for eid, (meta, _) in self._entries.items()
-            if eid.startswith(prefix)
+            EntryMeta.model_validate_json(self._entries[eid][0]) for eid in self._ids.get(key, ())
         )
         return [meta for meta in metas if meta.key == key]
+
+    def _delete_locked(self, entry_id: str) -> bool:
+        if self._entries.pop(entry_id, None) is None:
+            return False
+        key = self._key_of.pop(entry_id)
+        ids = self._ids[key]
+        del ids[entry_id]
+        if not ids:
+            del self._ids[key]
+        return True
 
     def delete(self, entry_id: str) -> bool:
         """Remove an entry; return whether it existed."""
         with self._mutex:
-            return self._entries.pop(entry_id, None) is not None
+            return self._delete_locked(entry_id)
 
     def touch(self, entry_ids: Iterable[str], when: float) -> None:
         """Set ``last_used_at`` of the given entries (missing ones are ignored)."""
@@ -837,18 +841,18 @@ class DiskCacheStore:
         return metas
 
     def iter_metadata(self) -> Iterator[EntryMeta]:
-        """Every entry's metadata, in key order.
+        """Every entry's metadata, in storage order.
 
-        Pages of 2,000 rows, each one query on the calling thread's connection, so the
-        iterator can be consumed from any thread. Unreadable records are skipped (one
-        warning at the end), not deleted.
+        Pages of 2,000 records, each one query on the calling thread's connection (so the
+        iterator may be consumed from any thread, and holds no read transaction between
+        pages). Unreadable records are skipped, with one warning at the end, not deleted.
 
         Raises:
             StoreError: the database is damaged or closed, or SQLite fails.
         """
         action = "list the cache entries"
         cache = self._scanner(action)
-        after = _META
+        after = 0
         skipped = 0
         while True:
             try:
@@ -870,28 +874,21 @@ class DiskCacheStore:
                 self._store_dir,
             )
 
-    def _decode_page(self, rows: Sequence[_Row]) -> list[EntryMeta]:
+    def _decode_page(
+        self, rows: Sequence[tuple[int, str, int, str | None, Any]]
+    ) -> list[EntryMeta]:
         """Decode metadata rows; skip unreadable ones and ones not matching their key."""
-        entries: list[str] = []
-        datas: list[bytes] = []
-        for key, mode, filename, value in rows:
-            try:
-                datas.append(_fetch_bytes(self._root, mode, filename, value))
-            except (_CorruptRow, OSError):
-                continue
-            entries.append(key[len(_META) :])
-        metas: list[EntryMeta | None]
-        try:  # all records in one call: about a third faster than one call each
-            metas = _META_LIST.validate_json(b"[" + b",".join(datas) + b"]")
-        except ValidationError:
-            metas = []
-        if len(metas) != len(datas):  # a bad record, or one holding two: one by one
-            metas = [_try_decode(data) for data in datas]
-        return [
-            meta
-            for meta, entry in zip(metas, entries, strict=True)
-            if meta is not None and meta.entry_id == entry
-        ]
+        metas: list[EntryMeta] = []
+        decode = EntryMeta.model_validate_json
+        with _gc_paused():
+            for _, key, mode, filename, value in rows:
+                try:
+                    meta = decode(_fetch_bytes(self._root, mode, filename, value))
+                except (_CorruptRow, OSError, ValidationError):
+                    continue
+                if meta.entry_id == key[2:]:
+                    metas.append(meta)
+        return metas
 
     def size(self) -> int:
         """Total size in bytes of the stored payloads (one query).
@@ -1113,6 +1110,24 @@ class DiskCacheStore:
             cache.close()
             del cache
         self._release_store_lock()
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while decoding one page of metadata.
+
+    Each EntryMeta holds several containers; while a caller collects 100,000 of them the
+    collector runs over a thousand times and triples the cost of listing. Paused per
+    page (milliseconds), it runs once per page instead. Not re-enabled if it was off.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _rollback(cache: diskcache.Cache) -> None:
