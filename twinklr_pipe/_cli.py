@@ -268,6 +268,16 @@ def _out(text: str) -> None:
 # -- run and resume --------------------------------------------------------------------------
 
 
+def _dask_runner(target: str) -> Any:
+    """``--dask``: a ``DaskRunner`` (distributed is imported only now, if at all)."""
+    from ._dask import DaskRunner
+
+    try:
+        return DaskRunner(target)
+    except ValueError as exc:
+        _fail(f"--dask: {exc}")
+
+
 def _execute(
     pipeline: PipelineDefinition,
     context: Any,
@@ -281,13 +291,15 @@ def _execute(
     json_out: bool,
     allow_pickle: bool,
     resumed_from: str | None = None,
+    dask: str | None = None,
 ) -> NoReturn:
     from ._executor import PipelineExecutor
     from ._graph import topological_order
     from ._live import LiveView
 
+    runner = _dask_runner(dask) if dask is not None else None
     store = None if no_cache else open_store(cache_dir)
-    executor = PipelineExecutor(cache=store, allow_pickle=allow_pickle)
+    executor = PipelineExecutor(cache=store, allow_pickle=allow_pickle, runner=runner)
     order = topological_order({s.id: list(s.inputs) for s in pipeline.stages})
     view = None if json_out else LiveView(order)
     try:
@@ -310,6 +322,8 @@ def _execute(
             view.__exit__(None, None, None)
         if executor.store is not None:
             executor.store.close()
+        if runner is not None:
+            runner.close()  # stops a local:N cluster
     result = outcome.result
     if result is not None:
         if json_out:
@@ -342,6 +356,18 @@ def run(
     allow_pickle: AllowPickle = False,
     verbose: Verbose = False,
     cache_dir: CacheDir = Path(DEFAULT_CACHE_DIR),
+    dask: Annotated[
+        str | None,
+        typer.Option(
+            "--dask",
+            metavar="ADDRESS",
+            help=(
+                "Run remote=True stages on Dask: a scheduler address (tcp://host:8786), or "
+                "local:N to start a LocalCluster of N worker processes for this run. "
+                "Needs: pip install 'twinklr_pipe[dask]'."
+            ),
+        ),
+    ] = None,
 ) -> None:
     """Run a pipeline, serving unchanged stages from the cache.
 
@@ -357,6 +383,8 @@ def run(
       pipe run myproject.pipes:build --input '{"bpm": 120}' --force macro
 
       pipe run pipelines/song.py:pipeline --input-file input.json --json
+
+      pipe run pipelines/song.py:pipeline --input-path song.wav --dask local:2
     """
     _setup_logging(verbose)
     pipeline, context = load_pipeline(spec)
@@ -375,6 +403,7 @@ def run(
         no_cache=no_cache,
         json_out=json_out,
         allow_pickle=allow_pickle,
+        dask=dask,
     )
 
 
