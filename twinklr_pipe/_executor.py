@@ -7,6 +7,7 @@ consults the cache, takes concurrency slots, retries, times out and stores.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -305,7 +306,7 @@ class _Run:
             if context.is_cancelled():
                 self.cancel_reason = "pipeline cancelled"
             else:
-                async with anyio.create_task_group() as tg:
+                async with self._runner_session(), anyio.create_task_group() as tg:
                     self.tg = tg
                     tg.start_soon(self._watch_cancel)
                     for st in self.states.values():
@@ -323,6 +324,13 @@ class _Run:
         result = self._assemble(time.perf_counter() - started)
         self.emit(RunFinished(self.run_id, result.success, result.total_duration_ms))
         return result
+
+    def _runner_session(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """The remote runner's scope for this run (it opens a client lazily, closes it after)."""
+        session = getattr(self.executor.runner, "session", None)
+        if session is None or not any(s.remote for s in self.pipeline.stages):
+            return contextlib.nullcontext()
+        return session()  # type: ignore[no-any-return]
 
     async def _watch_cancel(self) -> None:
         with self.watch_scope:
@@ -689,9 +697,6 @@ class _Run:
         return result
 
     async def _call(self, sdef: StageDefinition, value: Any) -> Any:
-        if self.executor.runner is not None and sdef.remote:
-            return await self.executor.runner.run(sdef, value, self.context)
-        stage = sdef.stage
         if self.pools is not None and sdef.pools:
 
             def waited(pool: str, ms: float) -> None:
@@ -700,8 +705,14 @@ class _Run:
                     self.emit(PoolWaited(self.run_id, sdef.id, pool, ms))
 
             async with self.pools.hold(sdef.pools, waited):
-                return await _call_body(stage, value, self.context)
-        return await _call_body(stage, value, self.context)
+                return await self._call_here_or_remote(sdef, value)
+        return await self._call_here_or_remote(sdef, value)
+
+    async def _call_here_or_remote(self, sdef: StageDefinition, value: Any) -> Any:
+        # Pools are held here, around the remote call too: a "gpu" pool bounds remote tasks.
+        if self.executor.runner is not None and sdef.remote:
+            return await self.executor.runner.run(sdef, value, self.context)
+        return await _call_body(sdef.stage, value, self.context)
 
     # -- FAN_OUT --------------------------------------------------------------------------
 
