@@ -7,7 +7,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import StageFailed
+from .errors import DefinitionError, StageFailed
 
 __all__ = [
     "PipelineResult",
@@ -136,14 +136,21 @@ class PipelineResult(BaseModel):
         return StageStatus(self.get_result(stage_id).metadata["status"])
 
     def raise_for_failure(self) -> None:
-        """Raise ``StageFailed`` for the first failed stage, if the run failed."""
+        """Raise ``StageFailed`` for the first failed stage, if the run failed.
+
+        An invalid definition (nothing ran) raises ``DefinitionError`` listing every
+        problem, as ``validate_pipeline()`` reports them.
+        """
         if self.success:
             return
         for sid in self.failed_stages:
             raise StageFailed(sid, self.stage_results[sid].error)
         for sid in self.cancelled:
             raise StageFailed(sid, self.stage_results[sid].error)
-        raise StageFailed("<pipeline>", str(self.metadata.get("errors", "the run failed")))
+        errors = self.metadata.get("errors")
+        if errors:
+            raise DefinitionError([str(e) for e in errors])
+        raise StageFailed("<pipeline>", "the run failed")
 
 
 def _unknown(stage_id: str, known: dict[str, Any]) -> str:
