@@ -143,6 +143,21 @@ class TestListing:
         assert data["created_at"].endswith("Z")
         json.dumps(data)
 
+    def test_fast_disk_listing_matches_the_store(self, tmp_path):
+        """The SQLite listing path gives the same rows as iter_metadata, big records too."""
+        from twinklr_pipe._admin import EntryRow, _rows_from_sqlite, entry_rows
+        from twinklr_pipe.cache._store import DiskCacheStore
+
+        with DiskCacheStore(tmp_path / "c") as disk:
+            put(disk, "k1", stage="a")
+            put(disk, "k2", stage="fan", item_index=3, variant="v9")
+            put(disk, "k3", stage="big", state_writes={"blob": {"value": "x" * 100_000}})
+            put(disk, "k4", stage='we"ird', pipeline="naïve", version="src:" + "a" * 32)
+            expected = sorted(EntryRow.of(m) for m in disk.iter_metadata())
+            assert _rows_from_sqlite(disk) is not None  # the fast path, not the fallback
+            assert sorted(entry_rows(disk)) == expected
+            assert len(expected) == 4
+
     def test_missing_cache_dir_is_an_empty_cache(self, tmp_path):
         """Read-only commands do not create a cache directory."""
         assert open_store(tmp_path / "nope", create=False) is None

@@ -11,17 +11,19 @@ import dataclasses
 import datetime
 import decimal
 import enum
+import itertools
 import json
 import math
+import operator
 import os
 import re
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from pydantic import BaseModel
 
@@ -35,12 +37,14 @@ from .errors import CacheError, FingerprintError, SpecError, StoreError
 __all__ = [
     "DEFAULT_CACHE_DIR",
     "DoctorReport",
+    "EntryRow",
     "Finding",
     "GcReport",
     "accept_stage",
     "clear_entries",
     "delete_entries",
     "doctor",
+    "entry_rows",
     "entry_to_dict",
     "find_entry",
     "format_bytes",
@@ -144,30 +148,132 @@ def _iso(timestamp: float | None) -> str | None:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-class _MinuteFormatter:
-    """Local ``YYYY-MM-DD HH:MM`` of timestamps, memoized per minute (100,000 rows fast)."""
-
-    def __init__(self) -> None:
-        self._memo: dict[int, str] = {}
-
-    def __call__(self, timestamp: float) -> str:
-        if not timestamp:
-            return "-"
-        minute = int(timestamp // 60)
-        text = self._memo.get(minute)
-        if text is None:
-            text = time.strftime("%Y-%m-%d %H:%M", time.localtime(minute * 60))
-            self._memo[minute] = text
-        return text
-
-
 # -- listing -------------------------------------------------------------------------------
 
-_SORTS = {
-    "created": lambda m: (m.created_at, m.entry_id),
-    "used": lambda m: (m.last_used_at, m.entry_id),
-    "size": lambda m: (m.size_bytes, m.entry_id),
-}
+
+class EntryRow(NamedTuple):
+    """The fields of an entry that ``pipe cache ls`` shows (a light ``EntryMeta``)."""
+
+    key: str
+    variant: str
+    pipeline: str
+    stage_id: str
+    stage_identity: str
+    version: str
+    version_is_source_hash: bool
+    item_index: int | None
+    codec: str
+    size_bytes: int
+    created_at: float
+    last_used_at: float
+    compute_duration_ms: float
+    run_id: str
+
+    @property
+    def entry_id(self) -> str:
+        """``key.variant``, the id the entry is stored under."""
+        return f"{self.key}.{self.variant}"
+
+    @classmethod
+    def of(cls, meta: EntryMeta) -> EntryRow:
+        """The row of a full metadata record."""
+        return cls(*(getattr(meta, name) for name in cls._fields))
+
+
+class _EntryLike(Protocol):
+    @property
+    def key(self) -> str: ...
+    @property
+    def variant(self) -> str: ...
+    @property
+    def entry_id(self) -> str: ...
+    @property
+    def pipeline(self) -> str: ...
+    @property
+    def stage_id(self) -> str: ...
+    @property
+    def stage_identity(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def version_is_source_hash(self) -> bool: ...
+    @property
+    def item_index(self) -> int | None: ...
+    @property
+    def codec(self) -> str: ...
+    @property
+    def size_bytes(self) -> int: ...
+    @property
+    def created_at(self) -> float: ...
+    @property
+    def last_used_at(self) -> float: ...
+    @property
+    def compute_duration_ms(self) -> float: ...
+    @property
+    def run_id(self) -> str: ...
+
+
+#: Python types of an ``EntryRow`` read from JSON (item_index may be null).
+_ROW_TYPES = frozenset(
+    (str, str, str, str, str, str, bool, index, str, int, float, float, float, str)
+    for index in (type(None), int)
+)
+
+
+def _rows_from_sqlite(store: Any) -> list[EntryRow] | None:
+    """Listing rows read with SQLite's JSON functions, without decoding whole records.
+
+    ``cache ls`` must list 100,000 entries in under a second, and most of each record
+    (input hashes, configuration, state) is not shown. This reads the metadata rows of
+    ``DiskCacheStore`` (``m/<key>.<variant>``, JSON, see ``cache/_store.py``) through
+    the store's own connection. It returns None (the caller falls back to
+    ``iter_metadata``) for any other store, or if anything about the layout differs.
+    """
+    from .cache import _store
+
+    if not isinstance(store, _store.DiskCacheStore):
+        return None
+    try:
+        cache = store._scanner("list the cache entries")
+        con = _store._connection(cache)
+        low, high = _store._META, _store._META_END
+        paths = ", ".join(f"'$.{name}'" for name in EntryRow._fields)
+        # "+key": scan the table in rowid order rather than walk the key index (~2x faster).
+        found: list[tuple[str, str | None]] = con.execute(
+            f"SELECT substr(key, {len(low) + 1}),"
+            f" CASE WHEN mode = ? THEN json_extract(CAST(value AS TEXT), {paths}) END"
+            " FROM Cache WHERE +key >= ? AND +key < ? AND raw = 1",
+            (_store._MODE_RAW, low, high),
+        ).fetchall()
+    except Exception:  # any surprise: the slow, public way is always right
+        return None
+    values = json.loads("[" + ",".join(text for _, text in found if text is not None) + "]")
+    rows: list[EntryRow] = []
+    append = rows.append
+    valid = _ROW_TYPES
+    new = tuple.__new__
+    slow = [entry for entry, text in found if text is None]  # large records live in files
+    entries = [entry for entry, text in found if text is not None]
+    for entry, fields in zip(entries, values, strict=True):
+        if tuple(map(type, fields)) in valid and f"{fields[0]}.{fields[1]}" == entry:
+            append(new(EntryRow, fields))
+        else:  # an older or odd record: let the store validate it
+            slow.append(entry)
+    for entry in slow:
+        meta = store.get_meta(entry)
+        if meta is not None:
+            append(EntryRow.of(meta))
+    return rows
+
+
+def entry_rows(store: CacheStore | None) -> list[EntryRow]:
+    """Every entry of ``store`` as a listing row (fast on a ``DiskCacheStore``)."""
+    if store is None:
+        return []
+    rows = _rows_from_sqlite(store)
+    if rows is None:
+        rows = [EntryRow.of(meta) for meta in store.iter_metadata()]
+    return rows
 
 
 def select_entries(
@@ -178,7 +284,7 @@ def select_entries(
     older_than: float | None = None,
     now: float | None = None,
 ) -> list[EntryMeta]:
-    """Entries matching every filter given (all entries without filters), in key order.
+    """Entries matching every filter given (all entries without filters).
 
     Args:
         store: The store (None: an empty cache).
@@ -199,13 +305,20 @@ def select_entries(
     ]
 
 
+_SORTS: dict[str, Callable[[EntryRow], Any]] = {
+    "created": operator.itemgetter(EntryRow._fields.index("created_at"), 0, 1),
+    "used": operator.itemgetter(EntryRow._fields.index("last_used_at"), 0, 1),
+    "size": operator.itemgetter(EntryRow._fields.index("size_bytes"), 0, 1),
+}
+
+
 def list_entries(
     store: CacheStore | None,
     *,
     stage: str | None = None,
     pipeline: str | None = None,
     sort: str = "created",
-) -> list[EntryMeta]:
+) -> list[EntryRow]:
     """Entries for ``pipe cache ls``, sorted ascending by ``created``, ``used`` or ``size``.
 
     Ascending, so the newest, most recently used or largest entries are listed last,
@@ -216,61 +329,72 @@ def list_entries(
     """
     if sort not in _SORTS:
         raise ValueError(f"invalid sort '{sort}'; use created, used or size")
-    entries = select_entries(store, stage=stage, pipeline=pipeline)
-    entries.sort(key=_SORTS[sort])
-    return entries
+    rows = entry_rows(store)
+    if stage is not None or pipeline is not None:
+        rows = [
+            r
+            for r in rows
+            if (stage is None or r.stage_id == stage)
+            and (pipeline is None or r.pipeline == pipeline)
+        ]
+    rows.sort(key=_SORTS[sort])
+    return rows
 
 
-def _version_label(meta: EntryMeta) -> str:
-    if meta.version_is_source_hash:
-        return meta.version[:12]
-    return meta.version
-
-
-def format_entries(entries: Sequence[EntryMeta]) -> str:
+def format_entries(entries: Sequence[_EntryLike]) -> str:
     """The text table of ``pipe cache ls``: one row per entry and a footer.
 
     Plain text, columns padded with spaces; the footer gives the entry count and the
-    total size (human and exact bytes).
+    total size (human and exact bytes). Written for speed (column-wise C loops, times
+    memoized per minute): 100,000 rows take a fraction of a second.
     """
-    when = _MinuteFormatter()
-    total = 0
-    rows: list[tuple[str, ...]] = []
-    for m in entries:
-        total += m.size_bytes
-        stage = m.stage_id if m.item_index is None else f"{m.stage_id}[{m.item_index}]"
-        key = m.key[:12] if m.variant == "0" else f"{m.key[:12]}.{m.variant[:4]}"
-        rows.append(
-            (
-                key,
-                m.pipeline,
-                stage,
-                _version_label(m),
-                format_bytes(m.size_bytes),
-                when(m.created_at),
-                when(m.last_used_at),
-            )
-        )
+    rows = [e if isinstance(e, EntryRow) else EntryRow.of(e) for e in entries]  # type: ignore[arg-type]
     header = ("KEY", "PIPELINE", "STAGE", "VERSION", "SIZE", "CREATED", "LAST USED")
-    widths = [len(h) for h in header]
-    for row in rows:
-        for i, cell in enumerate(row):
-            if len(cell) > widths[i]:
-                widths[i] = len(cell)
-    right = {4}
-    lines = []
-    for row in (header, *rows):
-        cells = [
-            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
-            for i, cell in enumerate(row)
-        ]
-        lines.append("  ".join(cells).rstrip())
-    noun = "entry" if len(entries) == 1 else "entries"
-    lines.append(f"{len(entries)} {noun}, {format_bytes(total)} ({total} bytes)")
-    return "\n".join(lines)
+    if rows:
+        (key, variant, pipeline, stage, _, version, is_hash, index, _, size, created, used, *_) = (
+            zip(*rows, strict=True)
+        )
+    else:
+        key = variant = pipeline = stage = version = is_hash = index = size = created = used = ()
+    keys = [k[:12] if v == "0" else f"{k[:12]}.{v[:4]}" for k, v in zip(key, variant, strict=True)]
+    stages = [s if i is None else f"{s}[{i}]" for s, i in zip(stage, index, strict=True)]
+    versions = [v[:12] if h else v for v, h in zip(version, is_hash, strict=True)]
+    sizes = [f"{n} B" if n < 1024 else format_bytes(n) for n in size]
+    minutes = _minutes(created, used)
+    created_text = list(map(minutes.__getitem__, _minute_ids(created)))
+    used_text = list(map(minutes.__getitem__, _minute_ids(used)))
+    columns = (keys, pipeline, stages, versions, sizes, created_text)
+    w = [
+        max(len(title), max(map(len, col), default=0))
+        for title, col in zip(header[:6], columns, strict=True)
+    ]
+    line = (
+        f"{{:<{w[0]}}}  {{:<{w[1]}}}  {{:<{w[2]}}}  {{:<{w[3]}}}  {{:>{w[4]}}}  {{:<{w[5]}}}  {{}}"
+    ).format
+    total = sum(size)
+    noun = "entry" if len(rows) == 1 else "entries"
+    footer = f"{len(rows)} {noun}, {format_bytes(total)} ({total} bytes)"
+    body = map(line, keys, pipeline, stages, versions, sizes, created_text, used_text)
+    return "\n".join([line(*header), *body, footer])
 
 
-def entry_to_dict(meta: EntryMeta) -> dict[str, Any]:
+def _minute_ids(timestamps: Iterable[float]) -> Iterator[int]:
+    """``int(t // 60)`` of each timestamp, in C loops."""
+    return map(int, map(operator.floordiv, timestamps, itertools.repeat(60)))
+
+
+def _minutes(*columns: Iterable[float]) -> dict[int, str]:
+    """Local ``YYYY-MM-DD HH:MM`` of every minute the timestamps fall in (0: ``-``)."""
+    found: set[int] = set()
+    for column in columns:
+        found.update(_minute_ids(column))
+    return {
+        minute: time.strftime("%Y-%m-%d %H:%M", time.localtime(minute * 60)) if minute else "-"
+        for minute in found
+    }
+
+
+def entry_to_dict(meta: _EntryLike) -> dict[str, Any]:
     """One entry as ``pipe cache ls --json`` prints it."""
     return {
         "key": meta.key,
