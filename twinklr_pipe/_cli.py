@@ -371,10 +371,11 @@ def run(
 ) -> None:
     """Run a pipeline, serving unchanged stages from the cache.
 
-    On a terminal a live view shows each stage's state, elapsed time and FAN_OUT
-    progress; in a pipe it prints plain lines. A summary table follows. Exit code 0
-    on success, 1 when the pipeline failed, 2 for a bad spec, input or option, 130
-    after Ctrl-C (completed stages stay cached; the hint says how to resume).
+    On a terminal a live view shows each stage's state, elapsed time and
+    FAN_OUT progress; in a pipe it prints plain lines. A summary table
+    follows. Exit code 0 on success, 1 when the pipeline failed, 2 for a bad
+    spec, input or option, 130 after Ctrl-C (completed stages stay cached;
+    the hint says how to resume).
 
     Examples:
 
@@ -420,9 +421,9 @@ def resume(
 ) -> None:
     """Run a journalled run again: same spec, working directory and input.
 
-    Every stage that finished before the run stopped (a crash, kill -9, Ctrl-C) is
-    a cache hit, so only unfinished stages execute. The resumed run is journalled
-    as a new run.
+    Every stage that finished before the run stopped (a crash, kill -9,
+    Ctrl-C) is a cache hit, so only unfinished stages execute. The resumed
+    run is journalled as a new run.
 
     Examples:
 
@@ -473,9 +474,10 @@ def plan(
 ) -> None:
     """Say which stages a run would serve from the cache and why the others would run.
 
-    Executes nothing: it reads the cache's metadata. Reasons: no entry for this key,
-    version or code changed (old → new), config changed (which fields), input changed
-    (which input), forced, or unknown until an upstream stage runs.
+    Executes nothing: it reads the cache's metadata. Reasons: no entry for
+    this key, version or code changed (old → new), config changed (which
+    fields), input changed (which input), forced, or unknown until an
+    upstream stage runs.
 
     Examples:
 
@@ -555,10 +557,11 @@ def doctor_cmd(
 ) -> None:
     """Check a pipeline for cache hazards without running it.
 
-    Errors (exit code 1): keys that differ in a fresh interpreter with another
-    PYTHONHASHSEED, configuration fields or an input that cannot be fingerprinted.
-    Warnings (exit code 0): stages without an explicit version, names the source
-    hash could not follow, stages whose cached entries read context state.
+    Errors (exit code 1): keys that differ in a fresh interpreter with
+    another PYTHONHASHSEED, configuration fields or an input that cannot be
+    fingerprinted. Warnings (exit code 0): stages without an explicit
+    version, names the source hash could not follow, stages whose cached
+    entries read context state.
 
     Examples:
 
@@ -647,8 +650,8 @@ def cache_show(
 ) -> None:
     """Show an entry's metadata and a short preview of its stored output.
 
-    Nothing stored is executed: pickled outputs are not loaded, and classes named in
-    a JSON payload are not imported.
+    Nothing stored is executed: pickled outputs are not loaded, and classes
+    named in a JSON payload are not imported.
 
     Examples:
 
@@ -695,8 +698,8 @@ def cache_clear(
 ) -> None:
     """Delete the matching cache entries (every entry without filters).
 
-    Asks for confirmation unless --yes is given, then prints how many entries and
-    bytes went.
+    Asks for confirmation unless --yes is given, then prints how many
+    entries and bytes went.
 
     Examples:
 
@@ -798,8 +801,9 @@ def cache_accept(
 ) -> None:
     """Keep a stage's entries after a cosmetic code edit, without recomputing.
 
-    Re-keys the stage's entries from its old code hash to the current one, when its
-    configuration is unchanged, so it and the stages downstream stay cached.
+    Re-keys the stage's entries from its old code hash to the current one,
+    when its configuration is unchanged, so it and the stages downstream
+    stay cached.
 
     Examples:
 

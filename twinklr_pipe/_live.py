@@ -251,7 +251,15 @@ class LiveView:
 
     def print_summary(self, result: PipelineResult) -> None:
         """Print the summary table of a finished run."""
-        self.console.print(render_summary(result, fancy=self.live))
+        summary = render_summary(result, fancy=self.live)
+        if self.live:
+            self.console.print(summary)
+            return
+        with self.console.capture() as captured:
+            self.console.print(summary)
+        lines = (line.rstrip() for line in captured.get().splitlines())
+        self.file.write("\n".join(lines) + "\n")
+        self.file.flush()
 
 
 def render_summary(result: PipelineResult, *, fancy: bool = False) -> RenderableType:
