@@ -572,8 +572,8 @@ class _Run:
             hit = cache.lookup(key, self.context, sdef.id)
             if hit is not None:
                 return self._serve(st, hit, item_index)
-        async with cache.single_flight(key):
-            if not forced:
+        async with cache.single_flight(key) as recheck:
+            if not forced and recheck:
                 hit = await cache.lookup_async(key, self.context, sdef.id)
                 if hit is not None:
                     return self._serve(st, hit, item_index)

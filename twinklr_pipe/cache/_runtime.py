@@ -107,6 +107,8 @@ class CacheRuntime:
         self.dedupe = dedupe
         self._parts: dict[int, tuple[Any, StageParts]] = {}
         self._locks: dict[str, anyio.Lock] = {}
+        #: Keys whose inline lookup left a large entry for a worker thread to read.
+        self._deferred: set[str] = set()
         self._touched: dict[str, None] = {}
         self._limiter = anyio.CapacityLimiter(4)
         self._store_error_logged = False
@@ -173,6 +175,7 @@ class CacheRuntime:
             if meta.state_reads and not reads_match(meta.state_reads, state):
                 continue
             if inline and meta.size_bytes > _INLINE_READ_BYTES:
+                self._deferred.add(key)
                 return None  # read it in a thread (lookup_async)
             hit = self._load(meta, stage_id)
             if hit is not None:
@@ -243,23 +246,32 @@ class CacheRuntime:
     # -- single flight ----------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def single_flight(self, key: str) -> AsyncIterator[None]:
-        """Identical work in flight runs once: later arrivals wait, then find the entry."""
+    async def single_flight(self, key: str) -> AsyncIterator[bool]:
+        """Identical work in flight runs once: later arrivals wait, then find the entry.
+
+        Enter it right after an inline ``lookup`` of ``key`` that missed, with no await in
+        between. It yields whether the store must be consulted again (``lookup_async``):
+        another task of this run held the key, the inline lookup left a large entry for a
+        thread, or a cross-process lock was taken. Otherwise that lookup is still current:
+        an entry stored by this run is stored before its task releases the key.
+        """
         lock = self._locks.get(key)
         if lock is None:
             lock = self._locks[key] = anyio.Lock()
+        recheck = lock.locked() or key in self._deferred
+        self._deferred.discard(key)
         async with lock:
             if not self.dedupe:
-                yield
+                yield recheck
                 return
             file_lock = getattr(self.store, "lock", None)
             if file_lock is None:
-                yield
+                yield recheck
                 return
             held = file_lock(key)
             await anyio.to_thread.run_sync(held.__enter__, limiter=self._limiter)
             try:
-                yield
+                yield True
             finally:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(held.__exit__, None, None, None)
