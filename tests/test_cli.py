@@ -525,3 +525,56 @@ class TestDoctor:
         assert "4 stages checked: 0 errors, 1 warnings" in result.stdout
         data = json.loads(pipe("doctor", spec, "-i", "1", "--json").stdout)
         assert data["ok"] is True
+
+
+class TestLiveView:
+    def _events(self):
+        from twinklr_pipe import (
+            FanOutProgress,
+            RunStarted,
+            StageFinished,
+            StageStarted,
+            StageStatus,
+        )
+
+        return [
+            RunStarted("r-1", "p", ("load", "groups", "render")),
+            StageStarted("r-1", "load"),
+            StageFinished("r-1", "load", StageStatus.CACHED, 1.0, cache="hit", saved_ms=1500.0),
+            StageStarted("r-1", "groups"),
+            FanOutProgress("r-1", "groups", 3, 12, 1),
+        ]
+
+    def test_terminal_view_shows_states_and_fan_out_progress(self):
+        """On a terminal each stage has a line; the FAN_OUT line has a bar and counts."""
+        import io
+
+        from rich.console import Console
+
+        from twinklr_pipe._live import LiveView
+
+        view = LiveView(["load", "groups", "render"], live=True, file=io.StringIO())
+        for event in self._events():
+            view.on_event(event)
+        out = io.StringIO()
+        Console(file=out, force_terminal=True, width=100, color_system=None).print(view)
+        text = out.getvalue()
+        assert re.search(r"◆ load\s+cached", text)
+        assert re.search(r"▶ groups\s+running\s+[\d.]+s\s+━+.* 3/12 \(1 cached\)", text)
+        assert re.search(r"· render\s+waiting", text)
+
+    def test_plain_view_prints_lines_without_control_codes(self):
+        """Off a terminal each state change is one plain line."""
+        import io
+
+        from twinklr_pipe._live import LiveView
+
+        out = io.StringIO()
+        view = LiveView(["load", "groups", "render"], live=False, file=out)
+        with view:
+            for event in self._events():
+                view.on_event(event)
+        lines = out.getvalue().splitlines()
+        assert "\x1b" not in out.getvalue()
+        assert re.search(r"cached\s+load\s+0\.00s\s+\(saved 1\.50s\)$", lines[1])
+        assert re.search(r"progress\s+groups\s+3/12 items \(1 cached\)$", lines[3])

@@ -52,7 +52,7 @@ _ICON = {
     "waiting": "·",
     "running": "▶",
     "done": "✔",
-    "cached": "⚡",
+    "cached": "◆",
     "failed": "✘",
     "skipped": "↷",
     "cancelled": "■",
