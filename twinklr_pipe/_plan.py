@@ -222,6 +222,7 @@ def _plan_fan_out(
     hashes = [k.digest.hex() if k.digest is not None else "" for k in upstream]
     item_outputs: list[bytes] = []
     cached = 0
+    saved_ms = 0.0
     first_key: str | None = None
     for item in items:
         try:
@@ -235,6 +236,7 @@ def _plan_fan_out(
         meta = None if forced else _find(cache, key, state)
         if meta is not None:
             cached += 1
+            saved_ms += meta.compute_duration_ms
             item_outputs.append(bytes.fromhex(meta.output_hash))
     total = len(items)
     if forced:
@@ -250,6 +252,7 @@ def _plan_fan_out(
             key=first_key,
             items=total,
             items_cached=cached,
+            saved_ms=saved_ms,
         )
         return plan, _Known(sequence_digest(item_outputs))
     reason = (
