@@ -154,8 +154,7 @@ class TestBasics:
         result = pipe(*command, "--help")
         assert result.exit_code == 0, result.output
         assert "Examples" in result.stdout
-        if command[0] != "graph":
-            assert "--cache-dir" in result.stdout
+        assert "--cache-dir" in result.stdout
 
     def test_root_help_documents_the_cache_location(self):
         """The top-level help names the cache-dir precedence."""
@@ -275,6 +274,16 @@ class TestBadInput:
             result = pipe(*args, "--cache-dir", "cachefile")
             assert result.exit_code == 2
             assert "is a file, not a directory" in one_error_line(result)
+
+    def test_cache_dir_from_a_newer_format(self, spec, tmp_path):
+        """A cache directory written by a newer store format is refused, naming both versions."""
+        (tmp_path / "newer").mkdir()
+        (tmp_path / "newer" / "FORMAT").write_text('{"format": 99, "library": "twinklr_pipe"}')
+        for args in (("run", spec, "-i", "1"), ("cache", "ls"), ("plan", spec)):
+            result = pipe(*args, "--cache-dir", "newer")
+            assert result.exit_code == 2
+            line = one_error_line(result)
+            assert "uses store format 99" in line and "reads format 1 or older" in line
 
     def test_unknown_forced_stage(self, spec):
         """--force of an unknown stage lists the stages."""

@@ -530,8 +530,11 @@ def graph(
     fmt: Annotated[
         str, typer.Option("--format", help="text, mermaid or dot.", show_default=True)
     ] = "text",
+    cache_dir: CacheDir = Path(DEFAULT_CACHE_DIR),
 ) -> None:
     """Print the pipeline's DAG; FAN_OUT and conditional stages are marked.
+
+    The cache is not read (--cache-dir is accepted, as on every command).
 
     Examples:
 
