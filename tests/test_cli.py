@@ -518,6 +518,17 @@ class TestRunsAndResume:
         runs = list_runs(tmp_path / ".twinklr-cache")
         assert runs[-1].resumed_from == run_id
 
+    def test_resume_does_not_force_finished_stages_again(self, spec, tmp_path):
+        """A stage forced in the original run is not forced again once it had finished."""
+        (tmp_path / "fail-count").write_text("")
+        assert pipe("run", spec, "-i", "3", "--force", "describe").exit_code == 1
+        run_id = list_runs(".twinklr-cache")[-1].run_id
+        assert list_runs(".twinklr-cache")[-1].force == ["describe"]
+        (tmp_path / "fail-count").unlink()
+        data = json.loads(pipe("resume", run_id, "--json").stdout)
+        assert data["executed"] == ["count"]
+        assert calls(tmp_path).count("describe") == 1
+
     def test_resume_unknown_run(self):
         """resume of an unknown id is one line naming the journal."""
         result = pipe("resume", "r-missing")

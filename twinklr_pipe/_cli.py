@@ -438,9 +438,13 @@ def resume(
         os.chdir(record.cwd)
     except OSError as exc:
         _fail(f"run {record.run_id} ran in {record.cwd}, which is gone: {exc.strerror or exc}")
+    if record.status == "running":
+        typer.echo(f"note: run {record.run_id} looks still running (pid {record.pid})", err=True)
     pipeline, context = load_pipeline(record.spec)
+    # Stages the run was forced to re-run are forced again only if they did not finish.
+    known = {s.id for s in pipeline.stages}
     finished = {"succeeded", "cached"}
-    force = [s for s in record.force if record.stages.get(s) not in finished]
+    force = [s for s in record.force if s in known and record.stages.get(s) not in finished]
     _check(pipeline, force)
     _execute(
         pipeline,
