@@ -122,11 +122,20 @@ class PipelineExecutor:
         on_event: EventCallback | None = None,
     ) -> PipelineResult:
         """Synchronous ``execute`` for scripts: runs its own event loop."""
-        return anyio.run(
-            lambda: self.execute(
-                pipeline, initial_input, context, force=force, run_id=run_id, on_event=on_event
+        results: list[PipelineResult] = []
+
+        async def main() -> None:
+            # The result is not the main task's return value: on Python 3.11, asyncio's
+            # runner formats the main task (its result included) when it restores the
+            # SIGINT handler, and repr() of a result with large outputs takes seconds.
+            results.append(
+                await self.execute(
+                    pipeline, initial_input, context, force=force, run_id=run_id, on_event=on_event
+                )
             )
-        )
+
+        anyio.run(main)
+        return results[0]
 
     async def execute(
         self,
