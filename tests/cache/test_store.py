@@ -582,6 +582,34 @@ class TestDiskWrites:
             thread.join(10)
             assert (tmp_path / "c" / "locks" / f"{KEY}.lock").exists()
 
+    def test_concurrent_writer_processes_keep_the_variant_cap(
+        self, tmp_path: Path, warnings_: pytest.LogCaptureFixture
+    ) -> None:
+        """Two processes writing variants of the same keys: whole entries, at most four each."""
+        script = (
+            "import sys, os\n"
+            "from twinklr_pipe.cache._store import DiskCacheStore\n"
+            "from twinklr_pipe.cache._entry import EntryMeta\n"
+            "store = DiskCacheStore(sys.argv[1])\n"
+            "for i in range(150):\n"
+            "    payload = os.urandom(40_000 if i % 3 == 0 else 50)\n"
+            "    store.put(EntryMeta(key=f'{i % 10:032x}', variant=f'{sys.argv[2]}{i}',\n"
+            "              last_used_at=i), payload)\n"
+        )
+        writers = [
+            subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "c"), name])
+            for name in "ab"
+        ]
+        assert [writer.wait(60) for writer in writers] == [0, 0]
+        with DiskCacheStore(tmp_path / "c") as reader:
+            for index in range(10):
+                variants = reader.variants(f"{index:032x}")
+                assert len(variants) == 4
+                assert all(reader.get(meta.entry_id) is not None for meta in variants)
+            assert len(list(reader.iter_metadata())) == 40
+        assert len(list((tmp_path / "c" / "store").glob("*/*/*.val"))) <= 40
+        assert warning_text(warnings_) == ""
+
     def test_sigkill_leaves_whole_entries_or_none(
         self, tmp_path: Path, warnings_: pytest.LogCaptureFixture
     ) -> None:
