@@ -412,7 +412,7 @@ class MemoryStore:
             return sum(len(payload) for _, payload in self._entries.values())
 
     def lock(self, key: str) -> contextlib.AbstractContextManager[None]:
-        """An exclusive lock on ``key`` among the threads of this process (blocking)."""
+        """An exclusive, non-reentrant lock on ``key`` among this process's threads (blocking)."""
         return self._key_locks.hold(key)
 
     def close(self) -> None:
@@ -1082,7 +1082,10 @@ class DiskCacheStore:
         except OSError as exc:
             raise StoreError(f"Cannot lock cache key {key[:8]} in {locks}: {exc}") from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:  # e.g. ENOLCK on a network file system
+                raise StoreError(f"Cannot lock cache key {key[:8]} in {locks}: {exc}") from exc
             try:
                 yield
             finally:
@@ -1093,12 +1096,12 @@ class DiskCacheStore:
     def lock(self, key: str) -> contextlib.AbstractContextManager[None]:
         """An exclusive lock on ``key`` across processes and threads (blocking).
 
-        A ``flock`` on ``locks/<key>.lock``, taken on entering and released on exit.
-        Lock files are kept (deleting one while another process waits on it would break
-        the exclusion).
+        A ``flock`` on ``locks/<key>.lock``, taken on entering and released on exit. Not
+        reentrant: a holder that takes it again waits forever. Lock files are kept
+        (deleting one while another process waits on it would break the exclusion).
 
         Raises:
-            StoreError: (on entering) the lock file cannot be created.
+            StoreError: (on entering) the lock file cannot be created or locked.
         """
         return self._key_lock(key)
 
