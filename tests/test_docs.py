@@ -21,7 +21,7 @@ cache in ``./.twinklr-cache``). What a block does depends on its info string:
     are commands and the lines after one are its documented output. A command must
     exit with 0, or with ``N`` when the line ends in ``# exit N``. Every documented
     output line must appear in the real output (stdout and stderr), with numbers,
-    durations, dates and runs of spaces allowed to differ; a line ``...`` elides
+    durations, dates, hex keys and runs of spaces allowed to differ; ``...`` elides
     output. Run ids (``r-20250101T120000-1a2b3c``) in documented output are bound to
     the real run ids they matched, and replaced by them in later commands.
     Only ``pipe`` commands are supported (optionally with ``NAME=value``
@@ -66,6 +66,7 @@ COMMAND_TIMEOUT_S = 120
 _FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
 RUN_ID = re.compile(r"r-\d{8}T\d{6}-[0-9a-f]{6}")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_HEX = re.compile(r"[0-9a-f]{6,}")
 _EXIT = re.compile(r"\s+#\s*exit\s+(\d+)\s*$")
 _ENV = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*")
 #: A placeholder for the reader to fill in: ``<host>``, ``<run-id>``.
@@ -181,13 +182,20 @@ def _argv(command: str, where: str) -> tuple[dict[str, str], list[str]]:
 
 
 def _loose(text: str) -> str:
-    """A regex for ``text`` in which numbers and runs of spaces may differ."""
+    """A regex for ``text`` in which numbers, hashes and runs of spaces may differ.
+
+    Cache keys and source hashes are deterministic, but they change with the key
+    recipe or the Python version (source hashes hash syntax trees); the words around
+    them are what a reader relies on.
+    """
     out = []
-    for token in re.split(r"(\s+|\d+(?:\.\d+)?)", text):
+    for token in re.split(r"(\s+|\b[0-9a-f]{6,}\b|\d+(?:\.\d+)?)", text):
         if not token:
             continue
         if token.isspace():
             out.append(r"\s+")
+        elif _HEX.fullmatch(token) and any(c.isdigit() for c in token):
+            out.append(r"[0-9a-f]+")
         elif _NUMBER.fullmatch(token):
             out.append(r"\d+(?:\.\d+)?")
         else:
