@@ -150,6 +150,31 @@ class TestResults:
         assert second.stage_results["think"].metadata["saved_ms"] == summary["saved_ms"]
 
 
+class Loud:
+    """An output whose ``repr`` is counted (and would be slow for a real large value)."""
+
+    reprs = 0
+
+    def __repr__(self) -> str:
+        Loud.reprs += 1
+        return "Loud()"
+
+
+class TestSyncRun:
+    def test_run_never_formats_the_result(self) -> None:
+        """``run()`` does not repr() the result (Python 3.11's runner would, on exit)."""
+
+        @stage(version="1")
+        def loud(x: int, context: PipelineContext) -> Loud:
+            return Loud()
+
+        Loud.reprs = 0
+        pipe = PipelineDefinition("p", [StageDefinition("loud", loud, cache=False)])
+        result = PipelineExecutor(cache=MemoryStore()).run(pipe, 1)
+        assert result.success and isinstance(result.outputs["loud"], Loud)
+        assert Loud.reprs == 0
+
+
 class TestForceAndOptOut:
     async def test_force_reruns_and_stores_the_new_result(self) -> None:
         """A forced stage runs even when cached ("forced"); later runs hit its new output."""
@@ -573,6 +598,61 @@ class TestSafety:
             assert log.take() == [] and sorted(third.cached) == ["after", "big"]
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert any("'big'" in w and "corrupt" in w for w in warnings), warnings
+
+    @pytest.mark.parametrize(
+        ("output", "tamper"),
+        [
+            ({"plain": [1, 2]}, lambda payload: b'{"plain":[1,3]}'),  # other valid JSON
+            (b"raw bytes", lambda payload: b"raw bytez"),
+            ((1, "tagged"), lambda payload: payload.replace(b"tagged", b"taggeX")),
+        ],
+        ids=["json", "bytes", "tagged-json"],
+    )
+    async def test_payload_changed_under_a_store_that_does_not_check_is_a_miss(
+        self, output: Any, tamper: Any, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Served payloads are checked against the entry, whatever the store checks itself."""
+        log = Log()
+
+        class Tampering(MemoryStore):
+            def get(self, entry_id: str) -> Any:
+                got = super().get(entry_id)
+                return None if got is None else (got[0], tamper(got[1]))
+
+        @stage(version="1")
+        def make(x: int, context: PipelineContext) -> Any:
+            log.add("make")
+            return output
+
+        store = Tampering()
+        stages = [StageDefinition("make", make)]
+        await run(stages, 1, store=store)
+        with caplog.at_level(logging.WARNING, logger="twinklr_pipe"):
+            result = await run(stages, 1, store=store)
+        assert log.take() == ["make", "make"]
+        assert result.outputs["make"] == output and result.executed == ["make"]
+        assert any("'make'" in r.getMessage() for r in caplog.records)
+
+    async def test_damaged_output_hash_is_a_miss(self) -> None:
+        """Metadata whose recorded output hash is damaged is never served."""
+        log = Log()
+
+        class Damaging(MemoryStore):
+            def get(self, entry_id: str) -> Any:
+                got = super().get(entry_id)
+                if got is None:
+                    return None
+                return got[0].model_copy(update={"output_hash": "0" * 30}), got[1]
+
+        stages = [
+            StageDefinition("s", Step("s", log)),
+            StageDefinition("t", Step("t", log), inputs=["s"]),
+        ]
+        store = Damaging()
+        await run(stages, 1, store=store)
+        result = await run(stages, 1, store=store)
+        assert log.take() == ["s", "t", "s", "t"]
+        assert result.success
 
     async def test_non_cacheable_output_fails_with_the_way_out(self) -> None:
         """An output the safe codec cannot store fails naming the stage, type and opt-in."""
