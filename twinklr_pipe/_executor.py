@@ -185,6 +185,15 @@ class PipelineExecutor:
                 success=False, run_id=run_id, metadata={"errors": problems, "invalid": True}
             )
         context = context if context is not None else PipelineContext()
+        if on_event is not None and (
+            inspect.iscoroutinefunction(on_event)
+            or inspect.iscoroutinefunction(getattr(on_event, "__call__", None))  # noqa: B004
+        ):
+            raise TypeError(
+                "on_event must be a plain (synchronous) callable; it is called in the event "
+                "loop's thread as the run progresses. Wrap async work in a memory object "
+                "stream or a task of your own."
+            )
         run = _Run(self, pipeline, initial_input, context, set(force), run_id, on_event)
         return await run.execute()
 
