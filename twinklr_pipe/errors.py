@@ -4,7 +4,7 @@ The hierarchy::
 
     PipeError                            base: catch everything from us
     ├── DefinitionError (ValueError)     the pipeline is wrong; raised before running
-    ├── StageFailed                      a stage failed when run through ``PipelineResult.raise_for_failure``
+    ├── StageFailed                      raised by ``PipelineResult.raise_for_failure()``
     ├── CacheError
     │   ├── FingerprintError (TypeError) a value cannot be fingerprinted
     │   ├── CodecError                   a value cannot be encoded, or stored bytes decoded
