@@ -1,9 +1,10 @@
 """Every fenced code block in the docs runs, so the docs cannot rot.
 
 The documents are ``README.md``, ``MIGRATION.md`` and ``docs/*.md``. Each document is
-one test: its blocks run in order, in a fresh temporary working directory, and a
-block may use what an earlier block of the same document made (names, files, the
-cache in ``./.twinklr-cache``). What a block does depends on its info string:
+one test: its blocks run in order, in a fresh temporary working directory that holds
+a copy of ``.cache-example/`` (as a fresh clone does), and a block may use what an
+earlier block of the same document made (names, files, the cache in
+``./.twinklr-cache``). What a block does depends on its info string:
 
 ``python``
     Executed in a namespace shared by the document's Python blocks. The namespace is
@@ -21,9 +22,10 @@ cache in ``./.twinklr-cache``). What a block does depends on its info string:
     are commands and the lines after one are its documented output. A command must
     exit with 0, or with ``N`` when the line ends in ``# exit N``. Every documented
     output line must appear in the real output (stdout and stderr), with numbers,
-    durations, dates, hex keys and runs of spaces allowed to differ; ``...`` elides
-    output. Run ids (``r-20250101T120000-1a2b3c``) in documented output are bound to
-    the real run ids they matched, and replaced by them in later commands.
+    durations, dates, hex keys and runs of spaces allowed to differ; a line ``...``
+    elides output, and ``...`` within a line stands for any text. Run ids
+    (``r-20250101T120000-1a2b3c``) in documented output are bound to the real run ids
+    they matched, and replaced by them in later commands.
     Only ``pipe`` commands are supported (optionally with ``NAME=value``
     environment prefixes): no pipes, redirections or ``&&``. Not run: the README's two
     set-up commands (recognised by ``python3 -m venv``: they create virtual
@@ -204,21 +206,27 @@ def _loose(text: str) -> str:
 
 
 def _pattern(line: str, run_ids: dict[str, str]) -> tuple[re.Pattern[str], list[str]]:
-    """A regex for a documented output line, and the unbound run ids it captures."""
-    parts: list[str] = []
+    """A regex for a documented output line, and the unbound run ids it captures.
+
+    ``...`` inside a line stands for any text (a path of the machine, a long value).
+    """
+    segments: list[str] = []
     captured: list[str] = []
-    pos = 0
-    for m in RUN_ID.finditer(line):
-        parts.append(_loose(line[pos : m.start()]))
-        doc_id = m.group()
-        if doc_id in run_ids:
-            parts.append(re.escape(run_ids[doc_id]))
-        else:
-            parts.append(f"({RUN_ID.pattern})")
-            captured.append(doc_id)
-        pos = m.end()
-    parts.append(_loose(line[pos:]))
-    return re.compile("".join(parts)), captured
+    for segment in line.split("..."):
+        parts: list[str] = []
+        pos = 0
+        for m in RUN_ID.finditer(segment):
+            parts.append(_loose(segment[pos : m.start()]))
+            doc_id = m.group()
+            if doc_id in run_ids:
+                parts.append(re.escape(run_ids[doc_id]))
+            else:
+                parts.append(f"({RUN_ID.pattern})")
+                captured.append(doc_id)
+            pos = m.end()
+        parts.append(_loose(segment[pos:]))
+        segments.append("".join(parts))
+    return re.compile(".*".join(segments)), captured
 
 
 def check_output(
@@ -295,6 +303,8 @@ def test_every_block_runs(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TWINKLR_PIPE_CACHE_DIR", raising=False)
+    # As on a fresh clone; a copy, because opening a cache rewrites its settings rows.
+    shutil.copytree(REPO / ".cache-example", tmp_path / ".cache-example")
     run_ids: dict[str, str] = {}
     for block in blocks(doc):
         kind = block.kind
@@ -365,6 +375,7 @@ def test_output_matching_is_strict_about_words() -> None:
         "pipe run",
     )
     assert ids == {"r-20250101T120000-1a2b3c": "r-20261127T221016-423ed0"}
+    check_output(["cwd   .../work"], "cwd /tmp/pytest-7/work\n", ids, "here", "pipe runs show")
 
 
 def test_pipe_is_available() -> None:
