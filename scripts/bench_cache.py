@@ -185,7 +185,7 @@ def bench_chain(length: int, repeat: int) -> None:
 
     def best(name: str, field: str = "run_ms") -> float:
         scale = 1000 if field == "run_ms" else 1
-        return min(r[field] for r in runs[name]) / scale * per
+        return float(min(r[field] for r in runs[name])) / scale * per
 
     cached_us, ideal_us = best("cached"), min(ideal) * per
     ratios = sorted(r["run_ms"] / 1000 / i for r, i in zip(runs["cached"], ideal, strict=True))

@@ -326,7 +326,6 @@ class TestFanOut:
         """With one slot held by a blocked new item, every cached item is still served."""
         log, store = Log(), MemoryStore()
         release = anyio.Event()
-        blocked = 0
 
         @stage(version="1")
         async def body(x: int, context: PipelineContext) -> int:
@@ -342,15 +341,15 @@ class TestFanOut:
         release = anyio.Event()
 
         def on_event(event: PipelineEvent) -> None:
-            nonlocal blocked
+            # Only once all 20 hits are served does the new item let go of the one slot:
+            # were hits queued behind it, this would never happen (fail_after fails it).
             if isinstance(event, FanOutProgress) and event.cached == 20:
-                blocked = sum(1 for e in log.entries if e == "item:0")
                 release.set()
 
         with anyio.fail_after(10):
             result = await run(stages, [0, *range(1, 21)], store=store, on_event=on_event)
         assert result.success and log.take() == ["item:0"]
-        assert blocked in (0, 1)  # the 20 hits were counted before the new item let go
+        assert result.stage_results["each"].metadata["items_cached"] == 20
 
     async def test_fully_cached_large_fan_out_is_quick_with_one_slot(self) -> None:
         """10,000 cached items with ``max_concurrent_fan_out=1`` do not queue for the slot.

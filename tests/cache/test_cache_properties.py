@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 from typing import Any
 
-import anyio
 from helpers import Log
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -142,7 +141,7 @@ def test_executions_match_the_key_rules(specs: dict[str, Spec], edits: list[Any]
 
     def run_and_compare(note: str) -> None:
         expected = model.step(initial)
-        result = anyio.run(executor.execute, _pipeline(specs, log), initial)
+        result = executor.run(_pipeline(specs, log), initial)
         ran = log.take()
         assert result.success, result.stage_results
         assert len(ran) == len(set(ran)), f"a body ran twice: {ran}"
