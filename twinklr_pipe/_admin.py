@@ -7,10 +7,12 @@ tested without a terminal. None of them imports typer or rich.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import decimal
 import enum
+import gc
 import itertools
 import json
 import math
@@ -266,13 +268,30 @@ def _rows_from_sqlite(store: Any) -> list[EntryRow] | None:
     return rows
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building 100,000s of acyclic objects.
+
+    Allocating that many tuples triggers collections that find nothing (about a fifth
+    of the listing time).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def entry_rows(store: CacheStore | None) -> list[EntryRow]:
     """Every entry of ``store`` as a listing row (fast on a ``DiskCacheStore``)."""
     if store is None:
         return []
-    rows = _rows_from_sqlite(store)
-    if rows is None:
-        rows = [EntryRow.of(meta) for meta in store.iter_metadata()]
+    with _gc_paused():
+        rows = _rows_from_sqlite(store)
+        if rows is None:
+            rows = [EntryRow.of(meta) for meta in store.iter_metadata()]
     return rows
 
 
@@ -348,6 +367,11 @@ def format_entries(entries: Sequence[_EntryLike]) -> str:
     total size (human and exact bytes). Written for speed (column-wise C loops, times
     memoized per minute): 100,000 rows take a fraction of a second.
     """
+    with _gc_paused():
+        return _format_entries(entries)
+
+
+def _format_entries(entries: Sequence[_EntryLike]) -> str:
     rows = [e if isinstance(e, EntryRow) else EntryRow.of(e) for e in entries]  # type: ignore[arg-type]
     header = ("KEY", "PIPELINE", "STAGE", "VERSION", "SIZE", "CREATED", "LAST USED")
     if rows:
