@@ -741,3 +741,24 @@ class TestSafety:
         assert (await run(stages, 1, store=store)).executed == ["flaky"]
         assert (await run(stages, 1, store=store)).cached == ["flaky"]
         assert log.take() == ["flaky", "flaky"]
+
+
+class TestStageKeyErrors:
+    async def test_a_non_str_version_fails_the_stage_with_one_clear_error(self) -> None:
+        """A stage whose version is not a str fails by name; the run returns normally."""
+        from twinklr_pipe import PipelineDefinition, PipelineExecutor, success_result
+
+        class Numbered:
+            name = "numbered"
+            version = 3
+
+            async def execute(self, value: object, context: object) -> object:
+                return success_result(1, stage_name="numbered")
+
+        pipeline = PipelineDefinition("p", [StageDefinition("s", Numbered())])
+        result = await PipelineExecutor(cache=MemoryStore()).execute(pipeline)
+        assert not result.success
+        error = result.get_result("s").error
+        assert error is not None
+        assert error.startswith("Stage 's': cannot compute its cache key: TypeError: ")
+        assert "version must be a str" in error

@@ -16,7 +16,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import FingerprintError
+from ..errors import CacheError, FingerprintError
 from ._entry import CACHE_FORMAT_VERSION
 from ._fingerprint import fingerprint
 from ._identity import config_fingerprint, stage_config, stage_identity, stage_version
@@ -43,9 +43,17 @@ def stage_parts(stage: Any, stage_id: str) -> StageParts:
     """
     try:
         config = stage_config(stage)
+        version, is_source = stage_version(stage)
     except FingerprintError as exc:
         raise exc.for_stage(stage_id) from None
-    version, is_source = stage_version(stage)
+    except Exception as exc:
+        # A non-str version, a cache_params() that raises or returns a non-mapping...:
+        # the stage's own mistake, reported as one error that names it.
+        raise CacheError(
+            f"Stage '{stage_id}': cannot compute its cache key: {type(exc).__name__}: "
+            f"{str(exc).rstrip('.')}. Fix the stage's version, cache_params() or "
+            "cache_exclude, or set cache=False on its StageDefinition."
+        ) from exc
     return StageParts(
         identity=stage_identity(stage),
         version=version,
