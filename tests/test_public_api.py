@@ -26,20 +26,25 @@ from twinklr_pipe import (
 
 PUBLIC_NAMES = [
     "CacheHit",
+    "DaskRunner",
     "ExecutionPattern",
     "FanOutProgress",
+    "FileInput",
     "PipelineContext",
     "PipelineDefinition",
     "PipelineEvent",
     "PipelineExecutor",
     "PipelineResult",
     "PipelineStage",
+    "PoolLimit",
     "PoolWaited",
     "RetryConfig",
     "RunFinished",
+    "RunPlan",
     "RunStarted",
     "StageDefinition",
     "StageFinished",
+    "StagePlan",
     "StageResult",
     "StageStarted",
     "StageStatus",
@@ -47,6 +52,7 @@ PUBLIC_NAMES = [
     "cancelled_result",
     "current_context",
     "failure_result",
+    "plan_run",
     "skipped_result",
     "stage",
     "success_result",
@@ -177,3 +183,63 @@ class TestResultHelpers:
         result = PipelineResult(success=True)
         with pytest.raises(ValidationError):
             result.success = False  # type: ignore[misc]
+
+
+CACHE_NAMES = [
+    "CacheStore",
+    "DiskCacheStore",
+    "EntryMeta",
+    "FileInput",
+    "MemoryStore",
+    "fingerprint",
+]
+
+ADMIN_NAMES = [
+    "DEFAULT_CACHE_DIR",
+    "DoctorReport",
+    "EntryRow",
+    "Finding",
+    "GcReport",
+    "InputSpec",
+    "RunRecord",
+    "accept_stage",
+    "clear_entries",
+    "doctor",
+    "find_entry",
+    "gc_entries",
+    "graph_text",
+    "list_entries",
+    "list_runs",
+    "load_pipeline",
+    "load_run",
+    "open_store",
+    "parse_duration",
+    "parse_size",
+    "result_to_dict",
+    "run_journalled",
+]
+
+
+class TestSubpackages:
+    def test_cache_and_admin_export_exactly_their_pinned_names(self) -> None:
+        """``twinklr_pipe.cache`` and ``twinklr_pipe.admin`` grow only deliberately."""
+        import twinklr_pipe.admin
+        import twinklr_pipe.cache
+
+        assert sorted(twinklr_pipe.cache.__all__) == CACHE_NAMES
+        assert sorted(twinklr_pipe.admin.__all__) == ADMIN_NAMES
+        for module in (twinklr_pipe.cache, twinklr_pipe.admin):
+            for name in module.__all__:
+                assert hasattr(module, name), name
+
+    def test_dask_runner_is_public_without_importing_distributed_early(self) -> None:
+        """``twinklr_pipe.DaskRunner`` resolves lazily; the core import stays light."""
+        code = (
+            "import sys, twinklr_pipe, twinklr_pipe.admin;"
+            "assert 'distributed' not in sys.modules;"
+            "assert 'typer' not in sys.modules and 'rich' not in sys.modules;"
+            "from twinklr_pipe import DaskRunner; print(DaskRunner.__name__)"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "DaskRunner"

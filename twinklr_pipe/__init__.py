@@ -22,6 +22,10 @@ from ._events import RunStarted as RunStarted
 from ._events import StageFinished as StageFinished
 from ._events import StageStarted as StageStarted
 from ._executor import PipelineExecutor as PipelineExecutor
+from ._plan import RunPlan as RunPlan
+from ._plan import StagePlan as StagePlan
+from ._plan import plan_run as plan_run
+from ._pools import PoolLimit as PoolLimit
 from ._results import PipelineResult as PipelineResult
 from ._results import StageResult as StageResult
 from ._results import StageStatus as StageStatus
@@ -31,25 +35,41 @@ from ._results import skipped_result as skipped_result
 from ._results import success_result as success_result
 from ._stage import PipelineStage as PipelineStage
 from ._stage import stage as stage
+from .cache._fingerprint import FileInput as FileInput
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # DaskRunner is public but lives behind the optional [dask] extra: import it lazily.
+    if name == "DaskRunner":
+        from ._dask import DaskRunner
+
+        return DaskRunner
+    raise AttributeError(f"module 'twinklr_pipe' has no attribute '{name}'")
+
+
 __all__ = [
     "CacheHit",
+    "DaskRunner",
     "ExecutionPattern",
     "FanOutProgress",
+    "FileInput",
     "PipelineContext",
     "PipelineDefinition",
     "PipelineEvent",
     "PipelineExecutor",
     "PipelineResult",
     "PipelineStage",
+    "PoolLimit",
     "PoolWaited",
     "RetryConfig",
     "RunFinished",
+    "RunPlan",
     "RunStarted",
     "StageDefinition",
     "StageFinished",
+    "StagePlan",
     "StageResult",
     "StageStarted",
     "StageStatus",
@@ -57,6 +77,7 @@ __all__ = [
     "cancelled_result",
     "current_context",
     "failure_result",
+    "plan_run",
     "skipped_result",
     "stage",
     "success_result",
