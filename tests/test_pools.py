@@ -328,3 +328,36 @@ class TestWaitReporting:
         assert fan_meta["pool_wait_ms"] == pytest.approx(sum(e.waited_ms for e in fan_waits))
         assert [(e.stage_id, e.pool) for e in events if e.stage_id == "one"] == [("one", "llm")]
         assert "pool_wait_ms" in result.stage_results["one"].metadata
+
+
+class TestPoolWaitReporting:
+    async def test_json_result_and_summary_show_pool_waiting_time(self) -> None:
+        """``pipe run --json`` and the summary table report time spent waiting for pools."""
+        import io
+
+        from twinklr_pipe import PipelineDefinition, PipelineExecutor, StageDefinition, stage
+        from twinklr_pipe._admin import result_to_dict
+        from twinklr_pipe._live import LiveView
+
+        @stage
+        async def slow(value: object, context: object) -> int:
+            await anyio.sleep(0.05)
+            return 1
+
+        pipeline = PipelineDefinition(
+            "pooled",
+            [
+                StageDefinition("first", slow, pools=["gpu"]),
+                StageDefinition("second", slow, pools=["gpu"]),
+            ],
+        )
+        out = io.StringIO()
+        view = LiveView(["first", "second"], live=False, file=out)
+        result = await PipelineExecutor(pools={"gpu": 1}).execute(pipeline, on_event=view.on_event)
+        view.print_summary(result)
+        waits = [
+            result_to_dict(result)["stages"][sid]["pool_wait_ms"] for sid in ("first", "second")
+        ]
+        assert max(waits) >= 30  # one of them waited for the other's slot
+        assert "POOL WAIT" in out.getvalue()
+        assert "for pools)" in out.getvalue()

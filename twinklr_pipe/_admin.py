@@ -805,6 +805,7 @@ def result_to_dict(result: PipelineResult) -> dict[str, Any]:
             "cache": meta.get("cache"),
             "key": meta.get("key"),
             "saved_ms": jsonable(meta.get("saved_ms", 0.0)),
+            "pool_wait_ms": jsonable(meta.get("pool_wait_ms", 0.0)),
         }
         if meta.get("reason") is not None:
             entry["reason"] = meta.get("reason")

@@ -23,6 +23,7 @@ from rich.text import Text
 from ._events import (
     FanOutProgress,
     PipelineEvent,
+    PoolWaited,
     RunStarted,
     StageFinished,
     StageStarted,
@@ -70,7 +71,16 @@ def _seconds(ms: float) -> str:
 
 
 class _Row:
-    __slots__ = ("cached", "done", "duration_ms", "error", "started", "state", "total")
+    __slots__ = (
+        "cached",
+        "done",
+        "duration_ms",
+        "error",
+        "pool_wait_ms",
+        "started",
+        "state",
+        "total",
+    )
 
     def __init__(self) -> None:
         self.state = "waiting"
@@ -80,6 +90,7 @@ class _Row:
         self.total: int | None = None
         self.cached = 0
         self.error: str | None = None
+        self.pool_wait_ms = 0.0
 
     def elapsed_ms(self, now: float) -> float | None:
         if self.duration_ms is not None:
@@ -174,6 +185,8 @@ class LiveView:
                     "progress",
                     f"{event.done}/{event.total} items ({event.cached} cached)",
                 )
+        elif isinstance(event, PoolWaited):
+            self._row(event.stage_id).pool_wait_ms += event.waited_ms
         elif isinstance(event, StageFinished):
             row = self._row(event.stage_id)
             row.state = _FINAL.get(str(event.status.value), str(event.status.value))
@@ -184,6 +197,8 @@ class LiveView:
                 detail += f"  (saved {_seconds(event.saved_ms)})"
             if row.total is not None:
                 detail += f"  {row.done}/{row.total} items ({row.cached} cached)"
+            if row.pool_wait_ms >= 1:
+                detail += f"  (waited {_seconds(row.pool_wait_ms)} for pools)"
             if event.error and row.state in ("failed", "skipped"):
                 detail += f"  {event.error}"
             self._plain(event.stage_id, row.state, detail)
@@ -233,6 +248,8 @@ class LiveView:
                 progress = grid
             elif row.error and row.state == "failed":
                 progress = Text(row.error.splitlines()[0][:80], style="red")
+            elif row.pool_wait_ms >= 1:
+                progress = Text(f"waited {_seconds(row.pool_wait_ms)} for pools", style="dim")
             table.add_row(
                 Text(f"{_ICON.get(row.state, ' ')} {sid}", style=style),
                 Text(row.state, style=style),
@@ -278,6 +295,9 @@ def render_summary(result: PipelineResult, *, fancy: bool = False) -> Renderable
     table.add_column("DURATION", justify="right", no_wrap=True)
     table.add_column("KEY", no_wrap=True)
     table.add_column("SAVED", justify="right", no_wrap=True)
+    pooled = any(r.metadata.get("pool_wait_ms") for r in result.stage_results.values())
+    if pooled:
+        table.add_column("POOL WAIT", justify="right", no_wrap=True)
     saved_total = 0.0
     counts: dict[str, int] = {}
     for sid, res in result.stage_results.items():
@@ -293,13 +313,17 @@ def render_summary(result: PipelineResult, *, fancy: bool = False) -> Renderable
             status_text = status
         key = meta.get("key") or ""
         display = _FINAL.get(status, status)
-        table.add_row(
+        cells: list[RenderableType] = [
             sid,
             Text(status_text, style=_STYLE.get(display, "") if fancy else ""),
             _seconds(float(meta.get("duration_ms") or 0.0)),
             str(key)[:12],
             _seconds(saved) if saved else "",
-        )
+        ]
+        if pooled:
+            waited = float(meta.get("pool_wait_ms") or 0.0)
+            cells.append(_seconds(waited) if waited else "")
+        table.add_row(*cells)
     parts = [f"{n} {status}" for status, n in counts.items()]
     verdict = "succeeded" if result.success else ("cancelled" if result.cancelled else "failed")
     footer = f"run {result.run_id} {verdict} in {_seconds(result.total_duration_ms)}: " + ", ".join(
