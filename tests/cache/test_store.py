@@ -145,6 +145,26 @@ class TestContract:
         assert [m.variant for m in store.variants(KEY)] == ["b", "c", "a"]
         assert [m.variant for m in store.variants(KEY + ".x")] == ["z"]
 
+    def test_get_after_variants(self, store: Any) -> None:
+        """The executor's hot path, variants() then get(), returns what a plain get() does."""
+        small = put(store, b"small", variant="a", used=20.0)
+        big = put(store, b"b" * BIG, variant="b", used=10.0)
+        assert store.variants(KEY) == [small, big]
+        assert store.get(small.entry_id) == (small, b"small")
+        assert store.get(big.entry_id) == (big, b"b" * BIG)
+        assert store.get(small.entry_id) == (small, b"small")
+
+    def test_get_after_variants_and_delete_is_none(self, store: Any) -> None:
+        """A write through the store between variants() and get() is seen by get()."""
+        meta = put(store)
+        assert store.variants(KEY) == [meta]
+        store.delete(meta.entry_id)
+        assert store.get(meta.entry_id) is None
+        meta = put(store, b"again")
+        assert store.variants(KEY) == [meta]
+        put(store, b"replaced", used=3000.0)
+        assert store.get(meta.entry_id)[1] == b"replaced"
+
     def test_a_fifth_variant_drops_the_least_recently_used(self, store: Any) -> None:
         """At most four variants per key; the new one is kept even if it is the oldest."""
         for index, variant in enumerate("abcd"):
@@ -326,6 +346,34 @@ class TestDiskIntegrity:
         assert disk.get_meta(meta.entry_id) is None
         assert list(disk.iter_metadata()) == []
 
+    def test_damaged_payload_file_after_variants_is_a_miss(
+        self, disk: DiskCacheStore, warnings_: pytest.LogCaptureFixture
+    ) -> None:
+        """On the hot path too, a changed payload file is caught and the entry removed."""
+        payload = os.urandom(BIG)
+        meta = put(disk, payload, stage="transcribe")
+        assert disk.variants(KEY) == [meta]
+        (path,) = value_files(disk)
+        path.write_bytes(payload[:-1])
+        assert disk.get(meta.entry_id) is None
+        assert "stage 'transcribe' (key 3f9a1c2e)" in warning_text(warnings_)
+        assert disk.get_meta(meta.entry_id) is None
+
+    def test_prefetched_entry_serves_get_for_a_second_only(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """variants() then get() is one snapshot; past the prefetch window, get() reads again."""
+        with DiskCacheStore(tmp_path / "c") as one, DiskCacheStore(tmp_path / "c") as other:
+            meta = put(one)
+            assert one.variants(KEY) == [meta]
+            other.delete(meta.entry_id)  # another process, between the two calls
+            assert one.get(meta.entry_id) == (meta, b"payload")  # as variants() saw it
+            meta = put(one)
+            assert one.variants(KEY) == [meta]
+            other.delete(meta.entry_id)
+            monkeypatch.setattr(_store, "_PREFETCH_SECONDS", 0.0)
+            assert one.get(meta.entry_id) is None
+
     def test_undecodable_metadata_is_a_miss(
         self, disk: DiskCacheStore, warnings_: pytest.LogCaptureFixture
     ) -> None:
@@ -352,6 +400,7 @@ class TestDiskIntegrity:
         """Readers never see metadata without its payload."""
         meta = put(disk)
         raw_sql(disk, "DELETE FROM Cache WHERE key = ?", ("p/" + meta.entry_id,))
+        assert disk.variants(KEY) == []
         assert disk.get_meta(meta.entry_id) is None
         assert disk.get(meta.entry_id) is None
 

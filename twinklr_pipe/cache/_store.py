@@ -108,6 +108,17 @@ _META_ROW_SQL: Final = "SELECT key, mode, filename, value FROM Cache WHERE key =
 _RANGE_SQL: Final = (
     "SELECT key, mode, filename, value FROM Cache WHERE key >= ? AND key < ? AND raw = 1"
 )
+#: Inline payloads up to this size are read along with ``variants`` (see ``_Prefetch``).
+_PREFETCH_BYTES: Final = 8192
+#: How long a prefetched payload may serve ``get`` (seconds).
+_PREFETCH_SECONDS: Final = 1.0
+# A key's metadata rows, then its payload rows (small inline values only), in one snapshot.
+_VARIANTS_SQL: Final = (
+    "SELECT key, mode, filename, value FROM Cache WHERE key >= ?1 AND key < ?2 AND raw = 1"
+    " UNION ALL SELECT key, mode, filename,"
+    f" CASE WHEN mode = {_MODE_RAW} AND length(value) <= {_PREFETCH_BYTES} THEN value END"
+    " FROM Cache WHERE key >= ?3 AND key < ?4 AND raw = 1"
+)
 # Pages by rowid: a sequential scan of the table, ~2x faster than walking the key index
 # and fetching each row from it ("+key" keeps SQLite off the index).
 _PAGE_SQL: Final = (
@@ -455,6 +466,8 @@ class DiskCacheStore:
         self._closed = False
         self._lock_fd: int | None = None
         self._pid = os.getpid()
+        # Per thread: what the last ``variants`` call read, for the ``get`` that follows.
+        self._prefetched = threading.local()
         try:
             self.format_version = self._prepare_directory()
             self._open()
@@ -743,11 +756,27 @@ class DiskCacheStore:
         """Return an entry's metadata and payload, or None when absent or unreadable.
 
         An entry whose metadata cannot be decoded or whose payload is missing or fails
-        its checksum is deleted, with a warning naming its stage and key.
+        its checksum is deleted, with a warning naming its stage and key. Right after
+        ``variants`` in the same thread (within a second, no write in between), a small
+        entry is served from what ``variants`` read: the entry as it was then.
         """
         cache = self._reader()
         if cache is None:
             return None
+        prefetched = getattr(self._prefetched, "rows", None)
+        if prefetched is not None:
+            found = prefetched[1].pop(entry_id, None)
+            if found is not None and time.monotonic() - prefetched[0] < _PREFETCH_SECONDS:
+                # Read by ``variants`` in one snapshot and validated there; a payload that
+                # fails here is judged again by the full path below.
+                known, row = found
+                try:
+                    payload = _fetch_bytes(self._root, row[1], row[2], row[3])
+                except (_CorruptRow, OSError):
+                    pass
+                else:
+                    if xxhash.xxh3_128_hexdigest(payload) == known.payload_checksum:
+                        return known, payload
         meta_key = _META + entry_id
         payload_key = _PAYLOAD + entry_id
         for _ in range(2):  # once more if the entry was replaced while it was read
@@ -819,20 +848,28 @@ class DiskCacheStore:
     def variants(self, key: str) -> list[EntryMeta]:
         """Metadata of every stored variant of ``key``, most recently used first.
 
-        One range query on diskcache's key index. Undecodable metadata is deleted with a
-        warning. Payloads are not checked here: ``get`` checks the chosen one.
+        One statement over diskcache's key index reads the key's metadata rows and its
+        small payloads. Undecodable metadata is deleted with a warning; metadata without
+        a payload is left out. The payloads are kept, in this thread, for the ``get`` that
+        usually follows (the executor's hot path): it then needs no query of its own.
         """
         cache = self._reader()
         if cache is None:
             return []
-        low, high = _META + key + ".", _META + key + "/"
+        meta_low = _META + key + "."
+        payload_low = _PAYLOAD + key + "."
+        bounds = (meta_low, meta_low[:-1] + "/", payload_low, payload_low[:-1] + "/")
         try:
-            rows = _connection(cache).execute(_RANGE_SQL, (low, high)).fetchall()
+            rows = _connection(cache).execute(_VARIANTS_SQL, bounds).fetchall()
         except sqlite3.Error as exc:
             self._read_failed(exc, key)
             return []
+        payloads = {row[0][len(_PAYLOAD) :]: row for row in rows if row[0][0] == "p"}
         metas: list[EntryMeta] = []
+        prefetched: dict[str, tuple[EntryMeta, _Row]] = {}
         for row in rows:
+            if row[0][0] != "m":
+                continue
             entry = row[0][len(_META) :]
             try:
                 meta = self._decode_meta(row, entry)
@@ -840,8 +877,14 @@ class DiskCacheStore:
                 if self._evict_if_unchanged(cache, row[0], None, [row]):
                     self._warn_corrupt(None, entry, str(exc))
                 continue
-            if meta.key == key:  # "k.a.b" is variant "a.b" of "k", or variant "b" of "k.a"
-                metas.append(meta)
+            payload_row = payloads.get(entry)
+            # "k.a.b" is variant "a.b" of "k", or variant "b" of "k.a".
+            if payload_row is None or meta.key != key:
+                continue
+            metas.append(meta)
+            if payload_row[1] != _MODE_RAW or payload_row[3] is not None:
+                prefetched[entry] = (meta, payload_row)
+        self._prefetched.rows = (time.monotonic(), prefetched) if prefetched else None
         if len(metas) > 1:
             metas.sort(key=_recency, reverse=True)
         return metas
@@ -885,15 +928,18 @@ class DiskCacheStore:
     ) -> list[EntryMeta]:
         """Decode metadata rows; skip unreadable ones and ones not matching their key."""
         metas: list[EntryMeta] = []
+        append = metas.append
         decode = EntryMeta.model_validate_json
         with _gc_paused():
             for _, key, mode, filename, value in rows:
                 try:
-                    meta = decode(_fetch_bytes(self._root, mode, filename, value))
+                    if mode != _MODE_RAW or type(value) is not bytes:  # in a file, or damaged
+                        value = _fetch_bytes(self._root, mode, filename, value)
+                    meta = decode(value)
                 except (_CorruptRow, OSError, ValidationError):
                     continue
                 if meta.entry_id == key[2:]:
-                    metas.append(meta)
+                    append(meta)
         return metas
 
     def size(self) -> int:
@@ -971,6 +1017,7 @@ class DiskCacheStore:
         meta = _checked_for_put(meta, payload)
         data = _dump_meta(meta)
         entry = meta.entry_id
+        self._prefetched.rows = None
         with self._writing(f"store the entry of {_describe(meta, entry)}") as cache:
             new_files: list[str | None] = []
             old_files: list[str | None] = []
@@ -1022,6 +1069,7 @@ class DiskCacheStore:
             StoreError: the store cannot be written.
         """
         old_files: list[str | None] = []
+        self._prefetched.rows = None
         with self._writing(f"delete the entry of key {entry_id[:8]}") as cache:
             with cache.transact():
                 existed = _delete_rows(_connection(cache), entry_id, old_files)
