@@ -68,7 +68,7 @@ from typing import Any, Final, TypeAlias
 import pydantic
 from pydantic import BaseModel
 
-from twinklr_pipe.cache._fingerprint import FileInput
+from twinklr_pipe.cache._fingerprint import FileInput, _short
 from twinklr_pipe.errors import CodecError
 
 __all__ = [
@@ -128,14 +128,6 @@ class _Unstorable(Exception):
         if self.reason:
             text += f": {self.reason}"
         return text
-
-
-def _short(obj: object) -> str:
-    try:
-        text = repr(obj)
-    except Exception:  # a broken __repr__ must not hide the real error
-        text = f"<{type(obj).__qualname__}>"
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _pickle_hint(exc: _Unstorable) -> CodecError:
