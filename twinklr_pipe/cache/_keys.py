@@ -1,6 +1,6 @@
 """The one place that computes cache keys.
 
-A stage's key is xxh3-128 over the canonical encoding of::
+A stage's key is xxh3-128 over the length-prefixed parts::
 
     ("twinklr_pipe.key", CACHE_FORMAT_VERSION, identity, version, config fingerprint,
      input names (multi-input stages only), input content hashes in input order)
@@ -16,9 +16,10 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import xxhash
+
 from ..errors import CacheError, FingerprintError
 from ._entry import CACHE_FORMAT_VERSION
-from ._fingerprint import fingerprint
 from ._identity import config_fingerprint, stage_config, stage_identity, stage_version
 
 __all__ = ["StageParts", "compute_key", "stage_parts"]
@@ -66,15 +67,23 @@ def stage_parts(stage: Any, stage_id: str) -> StageParts:
 def compute_key(
     parts: StageParts, input_names: Sequence[str] | None, input_hashes: Sequence[str]
 ) -> str:
-    """The cache key of a stage (or FAN_OUT item) from its parts and input hashes."""
-    return fingerprint(
-        (
-            "twinklr_pipe.key",
-            CACHE_FORMAT_VERSION,
-            parts.identity,
-            parts.version,
-            parts.config_fingerprint,
-            tuple(input_names) if input_names is not None else None,
-            tuple(input_hashes),
-        )
-    )
+    """The cache key of a stage (or FAN_OUT item) from its parts and input hashes.
+
+    Every part is a string, so the key is xxh3-128 over the parts' length-prefixed
+    UTF-8 (no separator can be forged inside a part), with a marker that tells
+    "no input names" from an empty list. This runs once per stage and per FAN_OUT
+    item on every run, so it avoids the general ``fingerprint`` machinery.
+    """
+    fields = [
+        "twinklr_pipe.key",
+        str(CACHE_FORMAT_VERSION),
+        parts.identity,
+        parts.version,
+        parts.config_fingerprint,
+        f"names:{len(input_names)}" if input_names is not None else "no-names",
+        *(input_names or ()),
+        f"hashes:{len(input_hashes)}",
+        *input_hashes,
+    ]
+    data = b"".join(b"%d:%s;" % (len(f.encode()), f.encode()) for f in fields)
+    return xxhash.xxh3_128_hexdigest(data)
