@@ -762,3 +762,28 @@ class TestStageKeyErrors:
         assert error is not None
         assert error.startswith("Stage 's': cannot compute its cache key: TypeError: ")
         assert "version must be a str" in error
+
+    async def test_lambdas_and_factory_closures_never_share_entries(self) -> None:
+        """Same-named lambdas or factory-made stages with one explicit version never collide."""
+        from twinklr_pipe import PipelineDefinition, PipelineExecutor, stage
+
+        def make(k: int) -> object:
+            @stage(version="1")
+            async def mul(x: int, context: object) -> int:
+                return x * k
+
+            return mul
+
+        plus = stage(lambda x, c: x + 1, version="1")
+        double = stage(lambda x, c: x * 2, version="1")
+        executor = PipelineExecutor(cache=MemoryStore())
+        outputs = []
+        for body in (plus, double, make(2), make(3)):
+            result = await executor.execute(
+                PipelineDefinition("p", [StageDefinition("s", body)]), 10
+            )
+            assert result.cached == []
+            outputs.append(result.get_output("s"))
+        assert outputs == [11, 20, 20, 30]
+        again = await executor.execute(PipelineDefinition("p", [StageDefinition("s", make(3))]), 10)
+        assert again.cached == ["s"] and again.get_output("s") == 30

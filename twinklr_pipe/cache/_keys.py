@@ -20,7 +20,13 @@ import xxhash
 
 from ..errors import CacheError, FingerprintError
 from ._entry import CACHE_FORMAT_VERSION
-from ._identity import config_fingerprint, stage_config, stage_identity, stage_version
+from ._identity import (
+    config_fingerprint,
+    source_hash,
+    stage_config,
+    stage_identity,
+    stage_version,
+)
 
 __all__ = ["StageParts", "compute_key", "stage_parts"]
 
@@ -55,8 +61,20 @@ def stage_parts(stage: Any, stage_id: str) -> StageParts:
             f"{str(exc).rstrip('.')}. Fix the stage's version, cache_params() or "
             "cache_exclude, or set cache=False on its StageDefinition."
         ) from exc
+    identity = stage_identity(stage)
+    if "<" in identity:
+        # A lambda or a function/class defined inside another function: its qualified
+        # name does not tell it apart from its siblings (``<lambda>``, a factory's
+        # ``make.<locals>.inner`` with another closure). An explicit version cannot
+        # either, so its code and closure values always join its identity.
+        target = (
+            getattr(stage, "fn", None)
+            if getattr(stage, "__twinklr_function_stage__", False)
+            else type(stage)
+        )
+        identity = f"{identity}#{source_hash(target)}"
     return StageParts(
-        identity=stage_identity(stage),
+        identity=identity,
         version=version,
         version_is_source_hash=is_source,
         config_fields=config,
