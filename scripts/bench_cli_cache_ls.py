@@ -86,10 +86,23 @@ def _bulk_insert(store: DiskCacheStore, rows: list[tuple[EntryMeta, bytes]]) -> 
         for meta, payload in rows:
             meta = internals._checked_for_put(meta, payload)
             data = internals._dump_meta(meta)
-            for prefix, blob in ((internals._META, data), (internals._PAYLOAD, payload)):
+            # As ``put`` writes them: the metadata row carries the summary and last use.
+            for prefix, blob, tag, used in (
+                (internals._META, data, internals._summary_tag(meta), meta.last_used_at),
+                (internals._PAYLOAD, payload, None, now),
+            ):
                 con.execute(
                     internals._INSERT_SQL,
-                    (prefix + meta.entry_id, now, now, len(blob), internals._MODE_RAW, None, blob),
+                    (
+                        prefix + meta.entry_id,
+                        now,
+                        used,
+                        tag,
+                        len(blob),
+                        internals._MODE_RAW,
+                        None,
+                        blob,
+                    ),
                 )
 
 

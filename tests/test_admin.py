@@ -144,8 +144,8 @@ class TestListing:
         json.dumps(data)
 
     def test_fast_disk_listing_matches_the_store(self, tmp_path):
-        """The SQLite listing path gives the same rows as iter_metadata, big records too."""
-        from twinklr_pipe._admin import EntryRow, _rows_from_sqlite, entry_rows
+        """The summary listing gives the same rows as iter_metadata, big records too."""
+        from twinklr_pipe._admin import EntryRow, entry_rows
         from twinklr_pipe.cache._store import DiskCacheStore
 
         with DiskCacheStore(tmp_path / "c") as disk:
@@ -153,10 +153,27 @@ class TestListing:
             put(disk, "k2", stage="fan", item_index=3, variant="v9")
             put(disk, "k3", stage="big", state_writes={"blob": {"value": "x" * 100_000}})
             put(disk, "k4", stage='we"ird', pipeline="naïve", version="src:" + "a" * 32)
+            disk.touch(["k2.v9"], NOW + 5)
             expected = sorted(EntryRow.of(m) for m in disk.iter_metadata())
-            assert _rows_from_sqlite(disk) is not None  # the fast path, not the fallback
             assert sorted(entry_rows(disk)) == expected
             assert len(expected) == 4
+
+    def test_a_store_without_iter_summaries_lists_from_metadata(self, store):
+        """A user store implementing only the CacheStore protocol still lists, clears, gcs."""
+
+        class Plain:
+            def __init__(self, inner):
+                self.inner = inner
+
+            def __getattr__(self, name):
+                if name == "iter_summaries":
+                    raise AttributeError(name)
+                return getattr(self.inner, name)
+
+        plain = Plain(store)
+        assert list_entries(plain) == list_entries(store)
+        assert [m.key for m in gc_entries(plain, max_size=250, dry_run=True).evicted] == ["aa11"]
+        assert clear_entries(plain, stage="load") == (2, 300)
 
     def test_missing_cache_dir_is_an_empty_cache(self, tmp_path):
         """Read-only commands do not create a cache directory."""

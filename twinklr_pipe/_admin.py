@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path, PurePath
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
@@ -33,7 +33,7 @@ from ._definition import ExecutionPattern, PipelineDefinition
 from ._graph import topological_order
 from ._journal import InputSpec
 from ._results import PipelineResult
-from .cache._entry import CacheStore, EntryMeta
+from .cache._entry import CacheStore, EntryMeta, EntrySummary
 from .errors import CacheError, FingerprintError, SpecError, StoreError
 
 __all__ = [
@@ -153,33 +153,9 @@ def _iso(timestamp: float | None) -> str | None:
 # -- listing -------------------------------------------------------------------------------
 
 
-class EntryRow(NamedTuple):
-    """The fields of an entry that ``pipe cache ls`` shows (a light ``EntryMeta``)."""
-
-    key: str
-    variant: str
-    pipeline: str
-    stage_id: str
-    stage_identity: str
-    version: str
-    version_is_source_hash: bool
-    item_index: int | None
-    codec: str
-    size_bytes: int
-    created_at: float
-    last_used_at: float
-    compute_duration_ms: float
-    run_id: str
-
-    @property
-    def entry_id(self) -> str:
-        """``key.variant``, the id the entry is stored under."""
-        return f"{self.key}.{self.variant}"
-
-    @classmethod
-    def of(cls, meta: EntryMeta) -> EntryRow:
-        """The row of a full metadata record."""
-        return cls(*(getattr(meta, name) for name in cls._fields))
+#: The fields of an entry that ``pipe cache ls``, ``cache clear`` and ``cache gc`` use (a
+#: light ``EntryMeta``): the stores' ``EntrySummary``, under the name ``admin`` exports.
+EntryRow = EntrySummary
 
 
 class _EntryLike(Protocol):
@@ -215,59 +191,6 @@ class _EntryLike(Protocol):
     def run_id(self) -> str: ...
 
 
-#: Python types of an ``EntryRow`` read from JSON (item_index may be null).
-_ROW_TYPES = frozenset(
-    (str, str, str, str, str, str, bool, index, str, int, float, float, float, str)
-    for index in (type(None), int)
-)
-
-
-def _rows_from_sqlite(store: Any) -> list[EntryRow] | None:
-    """Listing rows read with SQLite's JSON functions, without decoding whole records.
-
-    ``cache ls`` must list 100,000 entries in under a second, and most of each record
-    (input hashes, configuration, state) is not shown. This reads the metadata rows of
-    ``DiskCacheStore`` (``m/<key>.<variant>``, JSON, see ``cache/_store.py``) through
-    the store's own connection. It returns None (the caller falls back to
-    ``iter_metadata``) for any other store, or if anything about the layout differs.
-    """
-    from .cache import _store
-
-    if not isinstance(store, _store.DiskCacheStore):
-        return None
-    try:
-        cache = store._scanner("list the cache entries")
-        con = _store._connection(cache)
-        low, high = _store._META, _store._META_END
-        paths = ", ".join(f"'$.{name}'" for name in EntryRow._fields)
-        # "+key": scan the table in rowid order rather than walk the key index (~2x faster).
-        found: list[tuple[str, str | None]] = con.execute(
-            f"SELECT substr(key, {len(low) + 1}),"
-            f" CASE WHEN mode = ? THEN json_extract(CAST(value AS TEXT), {paths}) END"
-            " FROM Cache WHERE +key >= ? AND +key < ? AND raw = 1",
-            (_store._MODE_RAW, low, high),
-        ).fetchall()
-    except Exception:  # any surprise: the slow, public way is always right
-        return None
-    values = json.loads("[" + ",".join(text for _, text in found if text is not None) + "]")
-    rows: list[EntryRow] = []
-    append = rows.append
-    valid = _ROW_TYPES
-    new = tuple.__new__
-    slow = [entry for entry, text in found if text is None]  # large records live in files
-    entries = [entry for entry, text in found if text is not None]
-    for entry, fields in zip(entries, values, strict=True):
-        if tuple(map(type, fields)) in valid and f"{fields[0]}.{fields[1]}" == entry:
-            append(new(EntryRow, fields))
-        else:  # an older or odd record: let the store validate it
-            slow.append(entry)
-    for entry in slow:
-        meta = store.get_meta(entry)
-        if meta is not None:
-            append(EntryRow.of(meta))
-    return rows
-
-
 @contextlib.contextmanager
 def _gc_paused() -> Iterator[None]:
     """Pause the cyclic garbage collector while building 100,000s of acyclic objects.
@@ -285,14 +208,19 @@ def _gc_paused() -> Iterator[None]:
 
 
 def entry_rows(store: CacheStore | None) -> list[EntryRow]:
-    """Every entry of ``store`` as a listing row (fast on a ``DiskCacheStore``)."""
+    """Every entry of ``store`` as a listing row.
+
+    From the store's ``iter_summaries()`` when it has one (both built-in stores do: on
+    a ``DiskCacheStore`` that is one query, no metadata decoded), else derived from
+    ``iter_metadata()``, so a store implementing only the ``CacheStore`` protocol works.
+    """
     if store is None:
         return []
+    summaries: Callable[[], Iterable[EntrySummary]] | None = getattr(store, "iter_summaries", None)
     with _gc_paused():
-        rows = _rows_from_sqlite(store)
-        if rows is None:
-            rows = [EntryRow.of(meta) for meta in store.iter_metadata()]
-    return rows
+        if summaries is not None:
+            return list(summaries())
+        return [EntrySummary.of(meta) for meta in store.iter_metadata()]
 
 
 def select_entries(
@@ -302,7 +230,7 @@ def select_entries(
     pipeline: str | None = None,
     older_than: float | None = None,
     now: float | None = None,
-) -> list[EntryMeta]:
+) -> list[EntryRow]:
     """Entries matching every filter given (all entries without filters).
 
     Args:
@@ -317,7 +245,7 @@ def select_entries(
     cutoff = None if older_than is None else (now if now is not None else time.time()) - older_than
     return [
         m
-        for m in store.iter_metadata()
+        for m in entry_rows(store)
         if (stage is None or m.stage_id == stage)
         and (pipeline is None or m.pipeline == pipeline)
         and (cutoff is None or m.last_used_at < cutoff)
@@ -372,7 +300,7 @@ def format_entries(entries: Sequence[_EntryLike]) -> str:
 
 
 def _format_entries(entries: Sequence[_EntryLike]) -> str:
-    rows = [e if isinstance(e, EntryRow) else EntryRow.of(e) for e in entries]  # type: ignore[arg-type]
+    rows = [e if isinstance(e, EntrySummary) else EntrySummary.of(e) for e in entries]  # type: ignore[arg-type]
     header = ("KEY", "PIPELINE", "STAGE", "VERSION", "SIZE", "CREATED", "LAST USED")
     if rows:
         (key, variant, pipeline, stage, _, version, is_hash, index, _, size, created, used, *_) = (
@@ -452,11 +380,17 @@ def find_entry(store: CacheStore | None, prefix: str) -> EntryMeta:
         exact = store.get_meta(prefix) if "." in prefix else None
         if exact is not None:
             return exact
-        matches = [m for m in store.iter_metadata() if m.entry_id.startswith(prefix)]
+        matches = [m for m in entry_rows(store) if m.entry_id.startswith(prefix)]
     else:
         matches = []
     if len(matches) == 1:
-        return matches[0]
+        assert store is not None
+        found = store.get_meta(matches[0].entry_id)
+        if found is not None:
+            return found
+        raise CacheError(
+            f"The cache entry {matches[0].entry_id[:16]} matching '{prefix}' is gone or unreadable"
+        )
     if not matches:
         raise CacheError(f"No cache entry with a key starting with '{prefix}'")
     shown = ", ".join(f"{m.entry_id[:16]} ({m.stage_id})" for m in matches[:5])
@@ -488,7 +422,7 @@ def preview_entry(store: CacheStore, meta: EntryMeta, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
 
 
-def delete_entries(store: CacheStore, entries: Iterable[EntryMeta]) -> tuple[int, int]:
+def delete_entries(store: CacheStore, entries: Iterable[EntryRow | EntryMeta]) -> tuple[int, int]:
     """Delete entries; return how many existed and their total size in bytes."""
     count = size = 0
     for meta in entries:
@@ -517,7 +451,7 @@ def clear_entries(
 class GcReport:
     """What ``gc_entries`` evicted (or would evict, in a dry run)."""
 
-    evicted: list[EntryMeta]
+    evicted: list[EntryRow]
     freed_bytes: int
     #: Total size of the entries left.
     remaining_bytes: int
@@ -543,12 +477,12 @@ def gc_entries(
 
     Entries whose id is in ``protect`` (those the last runs used) are never evicted.
     """
-    metas = list(store.iter_metadata()) if store is not None else []
+    metas = entry_rows(store)
     protected = set(protect)
     metas.sort(key=lambda m: (m.last_used_at, m.created_at, m.entry_id))
     now = time.time() if now is None else now
-    evict: list[EntryMeta] = []
-    keep: list[EntryMeta] = []
+    evict: list[EntryRow] = []
+    keep: list[EntryRow] = []
     kept_protected = 0
     for meta in metas:
         if meta.entry_id in protected:
@@ -561,7 +495,7 @@ def gc_entries(
     total = sum(m.size_bytes for m in keep)
     over = False
     if max_size is not None and total > max_size:
-        survivors: list[EntryMeta] = []
+        survivors: list[EntryRow] = []
         for meta in keep:  # least recently used first
             if total > max_size and meta.entry_id not in protected:
                 evict.append(meta)

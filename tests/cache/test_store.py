@@ -25,7 +25,7 @@ import pytest
 import xxhash
 
 from twinklr_pipe.cache import _store
-from twinklr_pipe.cache._entry import CACHE_FORMAT_VERSION, CacheStore, EntryMeta
+from twinklr_pipe.cache._entry import CACHE_FORMAT_VERSION, CacheStore, EntryMeta, EntrySummary
 from twinklr_pipe.cache._store import DiskCacheStore, MemoryStore
 from twinklr_pipe.errors import CacheFormatError, StoreError
 
@@ -208,6 +208,62 @@ class TestContract:
         assert sorted(store.iter_metadata(), key=lambda m: m.key) == metas
         assert store.size() == 10 + BIG
 
+    def test_touch_is_seen_everywhere_and_only_moves_forward(self, store: Any) -> None:
+        """After touch(), every read reports the new last_used_at; an older time is ignored."""
+        a = put(store, variant="a", used=10.0)
+        put(store, variant="b", used=20.0)
+        store.touch([a.entry_id], 30.0)
+        assert [m.variant for m in store.variants(KEY)] == ["a", "b"]
+        assert store.get(a.entry_id)[0].last_used_at == 30.0
+        assert store.get_meta(a.entry_id).last_used_at == 30.0
+        assert store.get_meta(a.entry_id).created_at == 10.0
+        used = {m.variant: m.last_used_at for m in store.iter_metadata()}
+        assert used == {"a": 30.0, "b": 20.0}
+        assert {s.variant: s.last_used_at for s in store.iter_summaries()} == used
+        store.touch([a.entry_id, f"{KEY}.b"], 25.0)  # "a" stays at 30: never moves back
+        assert [(m.variant, m.last_used_at) for m in store.variants(KEY)] == [
+            ("a", 30.0),
+            ("b", 25.0),
+        ]
+        # A replaced entry reports what it was stored with.
+        put(store, variant="a", used=12.0)
+        assert store.get_meta(a.entry_id).last_used_at == 12.0
+        assert [m.variant for m in store.variants(KEY)] == ["b", "a"]
+
+    def test_iter_summaries_agrees_with_iter_metadata(self, store: Any) -> None:
+        """Every summary field equals the metadata's, for odd values and big records too."""
+        put(store, b"p", key="k1", stage="a")
+        put(store, b"q" * BIG, key="k2", variant="v.9", stage='we"ird\u00e9\n')
+        store.put(
+            EntryMeta(
+                key="k3.x",
+                variant="0",
+                pipeline="naïve ☃",
+                stage_id="fan",
+                stage_identity="mod:fan",
+                version="src:" + "a" * 32,
+                version_is_source_hash=True,
+                item_index=7,
+                codec="bytes/1",
+                created_at=5,
+                last_used_at=6,
+                compute_duration_ms=1.25,
+                run_id="r-1",
+                state_writes={"blob": {"value": "x" * 100_000}},
+            ),
+            b"z",
+        )
+        store.touch(["k1.0"], 2000.0)
+        expected = sorted(EntrySummary.of(m) for m in store.iter_metadata())
+        summaries = sorted(store.iter_summaries())
+        assert summaries == expected
+        assert len(summaries) == 3
+        for summary in summaries:
+            assert [type(v) for v in summary] == [
+                type(v) for v in EntrySummary.of(store.get_meta(summary.entry_id))
+            ]
+        assert {s.entry_id: s.last_used_at for s in summaries}["k1.0"] == 2000.0
+
     def test_lock_excludes_a_second_holder(self, store: Any) -> None:
         """While one thread holds lock(key), another blocks until it is released."""
         acquired = threading.Event()
@@ -254,6 +310,18 @@ class TestDiskLayout:
             meta = put(first, b"x" * BIG)
         with DiskCacheStore(tmp_path / "c") as second:
             assert second.get(meta.entry_id) == (meta, b"x" * BIG)
+
+    def test_summaries_and_last_use_survive_reopen(self, tmp_path: Path) -> None:
+        """Summaries and touched last uses are in the database, not in the process."""
+        with DiskCacheStore(tmp_path / "c") as first:
+            put(first, key="k1")
+            put(first, key="k2", stage="other")
+            first.touch(["k2.0"], 5000.0)
+            before = sorted(first.iter_summaries())
+        with DiskCacheStore(tmp_path / "c") as second:
+            assert sorted(second.iter_summaries()) == before
+            assert sorted(EntrySummary.of(m) for m in second.iter_metadata()) == before
+            assert second.get_meta("k2.0").last_used_at == 5000.0
 
     def test_a_file_is_not_a_directory(self, tmp_path: Path) -> None:
         """A path that is a file raises StoreError naming it."""
@@ -403,6 +471,70 @@ class TestDiskIntegrity:
         assert disk.variants(KEY) == []
         assert disk.get_meta(meta.entry_id) is None
         assert disk.get(meta.entry_id) is None
+
+    def test_touch_only_updates_access_time(self, disk: DiskCacheStore) -> None:
+        """touch() leaves every metadata record as it was: one column of its row changes."""
+        put(disk, variant="a")
+        put(disk, variant="b")
+        db = disk.directory / "store" / "cache.db"
+
+        def rows() -> list[tuple[Any, ...]]:
+            con = sqlite3.connect(db)
+            try:
+                return con.execute(
+                    "SELECT key, value, tag, filename, access_time FROM Cache ORDER BY key"
+                ).fetchall()
+            finally:
+                con.close()
+
+        before = rows()
+        disk.touch([f"{KEY}.a", "missing.0"], 7777.0)
+        after = rows()
+        assert [row[:4] for row in after] == [row[:4] for row in before]
+        assert {row[0]: row[4] for row in after}[f"m/{KEY}.a"] == 7777.0
+        assert json.loads(disk.get(f"{KEY}.a")[0].model_dump_json())["last_used_at"] == 7777.0
+
+    @pytest.mark.parametrize(
+        "tag",
+        [
+            None,  # written before summaries existed
+            b"[1]",  # not text
+            "[1,",  # not JSON
+            '[1,"0"]',  # too short
+            '[1,"zz","p","s","i","v",false,null,"c",1,1.0,1.0,1.0,"r"]',  # another variant
+            '[1,"0","p","s","i","v",0,null,"c",1,1.0,1.0,1.0,"r"]',  # a field of a wrong type
+            '[1,"0","p","s","i","v",false,null,"c",1,1.0,1.0,1.0,"r"] ',  # trailing text
+            '[2,"0","p","s","i","v",false,null,"c",1,1.0,1.0,1.0,"r"]',  # a later layout
+        ],
+    )
+    def test_entries_without_a_usable_summary_list_from_their_metadata(
+        self, disk: DiskCacheStore, tag: Any
+    ) -> None:
+        """A missing or unusable summary is never trusted: the metadata is decoded instead."""
+        meta = put(disk, variant="0", used=50.0)
+        other = put(disk, key="f" * 32, used=60.0)
+        disk.touch([meta.entry_id], 70.0)
+        raw_sql(disk, "UPDATE Cache SET tag = ? WHERE key = ?", (tag, "m/" + meta.entry_id))
+        expected = sorted(EntrySummary.of(m) for m in disk.iter_metadata())
+        assert sorted(disk.iter_summaries()) == expected
+        assert {s.entry_id: s.last_used_at for s in expected} == {
+            meta.entry_id: 70.0,
+            other.entry_id: 60.0,
+        }
+
+    def test_unreadable_metadata_without_summary_is_skipped_with_a_warning(
+        self, disk: DiskCacheStore, warnings_: pytest.LogCaptureFixture
+    ) -> None:
+        """Listing an old row that does not decode skips it (like iter_metadata)."""
+        meta = put(disk)
+        good = put(disk, key="f" * 32)
+        raw_sql(
+            disk,
+            "UPDATE Cache SET tag = NULL, value = ? WHERE key = ?",
+            (b"{", "m/" + meta.entry_id),
+        )
+        assert [s.entry_id for s in disk.iter_summaries()] == [good.entry_id]
+        assert "Skipped 1 unreadable cache entries" in warning_text(warnings_)
 
     @pytest.mark.parametrize("row", ["m/", "p/"])
     @pytest.mark.parametrize("size", [10, BIG])

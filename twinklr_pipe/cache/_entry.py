@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["CacheStore", "EntryMeta", "entry_id"]
+__all__ = ["CacheStore", "EntryMeta", "EntrySummary", "entry_id"]
 
 #: Version of the key recipe and of the entry layout. Bump it (and regenerate
 #: ``.cache-example``) whenever keys or stored entries change meaning.
@@ -63,6 +63,41 @@ class EntryMeta(BaseModel):
         return entry_id(self.key, self.variant)
 
 
+class EntrySummary(NamedTuple):
+    """The fields of an entry that listing, ``cache clear`` and ``cache gc`` need.
+
+    A light ``EntryMeta`` (no input hashes, configuration, metrics or state), so that
+    ``pipe cache ls`` can list 100,000 entries in well under a second. Stores that
+    have it return these from ``iter_summaries()``; ``EntrySummary.of(meta)`` makes
+    one from full metadata.
+    """
+
+    key: str
+    variant: str
+    pipeline: str
+    stage_id: str
+    stage_identity: str
+    version: str
+    version_is_source_hash: bool
+    item_index: int | None
+    codec: str
+    size_bytes: int
+    created_at: float
+    last_used_at: float
+    compute_duration_ms: float
+    run_id: str
+
+    @property
+    def entry_id(self) -> str:
+        """``key.variant``, the id the entry is stored under."""
+        return f"{self.key}.{self.variant}"
+
+    @classmethod
+    def of(cls, meta: EntryMeta) -> EntrySummary:
+        """The summary of a full metadata record."""
+        return cls(*(getattr(meta, name) for name in cls._fields))
+
+
 @runtime_checkable
 class CacheStore(Protocol):
     """Where cache entries live. ``DiskCacheStore`` is the default implementation.
@@ -70,6 +105,15 @@ class CacheStore(Protocol):
     Every method is synchronous and thread-safe; the executor calls the slow ones
     from worker threads. An entry is a metadata record plus opaque payload bytes,
     written together atomically: readers see the whole entry or none of it.
+
+    Optional methods, used when a store has them (both built-in stores do):
+
+    * ``iter_summaries() -> Iterator[EntrySummary]``: every entry's summary, in no
+      particular order, agreeing with ``iter_metadata()`` field by field. Listing,
+      ``cache clear`` and ``cache gc`` use it; without it they derive summaries
+      from ``iter_metadata()`` (correct, slower on large stores).
+    * ``lock(key) -> AbstractContextManager[None]``: an exclusive lock on ``key``, so
+      that identical work in several processes runs once.
     """
 
     def get(self, entry_id: str) -> tuple[EntryMeta, bytes] | None:

@@ -14,8 +14,17 @@ Layout of a ``DiskCacheStore`` directory::
 
 One entry is two rows of diskcache's ``Cache`` table, written in one transaction::
 
-    m/<key>.<variant>    the EntryMeta as JSON bytes
-    p/<key>.<variant>    the payload bytes
+    m/<key>.<variant>    value: the EntryMeta as JSON bytes
+                         tag: the entry's summary, a short JSON array (``_summary_tag``)
+                         access_time: when the entry was last used (see below)
+    p/<key>.<variant>    value: the payload bytes
+
+"Last used" is kept out of the metadata JSON: ``touch`` only updates the ``access_time``
+column of the metadata rows (diskcache never updates it itself: the store runs with
+eviction off), and every ``EntryMeta`` or ``EntrySummary`` the store returns reports
+``last_used_at = max(the value in the JSON, access_time)``. ``put`` sets ``access_time``
+to the entry's ``last_used_at``. Rows written before summaries existed have no tag;
+listing decodes their metadata instead.
 
 Keys are ``str`` stored raw and values are ``bytes``: nothing is ever pickled or
 unpickled (see ``_BytesDisk``). Reads go straight to the ``Cache`` table through the
@@ -37,7 +46,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -45,7 +54,7 @@ import diskcache
 import xxhash
 from pydantic import ValidationError
 
-from twinklr_pipe.cache._entry import CACHE_FORMAT_VERSION, EntryMeta
+from twinklr_pipe.cache._entry import CACHE_FORMAT_VERSION, EntryMeta, EntrySummary
 from twinklr_pipe.errors import CacheFormatError, StoreError
 
 __all__ = ["DiskCacheStore", "MemoryStore"]
@@ -95,18 +104,24 @@ _SAFE_LOCK_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
 # Both rows of an entry in one statement (one snapshot). UNION ALL of two index lookups
 # is ~25% faster than "key IN (?, ?)", which builds a temporary table for the list.
+# Rows are read as (key, mode, filename, value, access_time): see ``_Row``.
 _ENTRY_SQL: Final = (
-    "SELECT key, mode, filename, value FROM Cache WHERE key = ? AND raw = 1 UNION ALL"
-    " SELECT key, mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
+    "SELECT key, mode, filename, value, access_time FROM Cache WHERE key = ? AND raw = 1"
+    " UNION ALL"
+    " SELECT key, mode, filename, value, access_time FROM Cache WHERE key = ? AND raw = 1"
 )
 # The payload row's value is not read: only its presence matters.
 _ENTRY_META_SQL: Final = (
-    "SELECT key, mode, filename, value FROM Cache WHERE key = ? AND raw = 1 UNION ALL"
-    " SELECT key, mode, filename, NULL FROM Cache WHERE key = ? AND raw = 1"
+    "SELECT key, mode, filename, value, access_time FROM Cache WHERE key = ? AND raw = 1"
+    " UNION ALL"
+    " SELECT key, mode, filename, NULL, access_time FROM Cache WHERE key = ? AND raw = 1"
 )
-_META_ROW_SQL: Final = "SELECT key, mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
+_META_ROW_SQL: Final = (
+    "SELECT key, mode, filename, value, access_time FROM Cache WHERE key = ? AND raw = 1"
+)
 _RANGE_SQL: Final = (
-    "SELECT key, mode, filename, value FROM Cache WHERE key >= ? AND key < ? AND raw = 1"
+    "SELECT key, mode, filename, value, access_time FROM Cache"
+    " WHERE key >= ? AND key < ? AND raw = 1"
 )
 #: Inline payloads up to this size are read along with ``variants`` (see ``_Prefetch``).
 _PREFETCH_BYTES: Final = 8192
@@ -114,15 +129,16 @@ _PREFETCH_BYTES: Final = 8192
 _PREFETCH_SECONDS: Final = 1.0
 # A key's metadata rows, then its payload rows (small inline values only), in one snapshot.
 _VARIANTS_SQL: Final = (
-    "SELECT key, mode, filename, value FROM Cache WHERE key >= ?1 AND key < ?2 AND raw = 1"
+    "SELECT key, mode, filename, value, access_time FROM Cache"
+    " WHERE key >= ?1 AND key < ?2 AND raw = 1"
     " UNION ALL SELECT key, mode, filename,"
-    f" CASE WHEN mode = {_MODE_RAW} AND length(value) <= {_PREFETCH_BYTES} THEN value END"
-    " FROM Cache WHERE key >= ?3 AND key < ?4 AND raw = 1"
+    f" CASE WHEN mode = {_MODE_RAW} AND length(value) <= {_PREFETCH_BYTES} THEN value END,"
+    " access_time FROM Cache WHERE key >= ?3 AND key < ?4 AND raw = 1"
 )
 # Pages by rowid: a sequential scan of the table, ~2x faster than walking the key index
 # and fetching each row from it ("+key" keeps SQLite off the index).
 _PAGE_SQL: Final = (
-    "SELECT rowid, key, mode, filename, value FROM Cache WHERE rowid > ?"
+    "SELECT rowid, key, mode, filename, value, access_time FROM Cache WHERE rowid > ?"
     f" AND +key >= '{_META}' AND +key < '{_META_END}' AND raw = 1"
     f" ORDER BY rowid LIMIT {_PAGE_ROWS}"
 )
@@ -136,12 +152,37 @@ _DELETE_SQL: Final = "DELETE FROM Cache WHERE key IN (?, ?) AND raw = 1"
 _ROW_SQL: Final = "SELECT rowid, filename FROM Cache WHERE key = ? AND raw = 1"
 _UPDATE_SQL: Final = (
     "UPDATE Cache SET store_time = ?, expire_time = NULL, access_time = ?, access_count = 0,"
-    " tag = NULL, size = ?, mode = ?, filename = ?, value = ? WHERE rowid = ?"
+    " tag = ?, size = ?, mode = ?, filename = ?, value = ? WHERE rowid = ?"
 )
 _INSERT_SQL: Final = (
     "INSERT INTO Cache(key, raw, store_time, expire_time, access_time, access_count, tag,"
-    " size, mode, filename, value) VALUES (?, 1, ?, NULL, ?, 0, NULL, ?, ?, ?, ?)"
+    " size, mode, filename, value) VALUES (?, 1, ?, NULL, ?, 0, ?, ?, ?, ?, ?)"
 )
+# ``touch``: "last used" only moves forward (a NULL access_time counts as never).
+_TOUCH_SQL: Final = (
+    "UPDATE Cache SET access_time = max(coalesce(access_time, ?1), ?1) WHERE key = ?2 AND raw = 1"
+)
+# Every entry's summary (``iter_summaries``), by a scan of the table in rowid order
+# ("+key", as ``_PAGE_SQL``); the metadata itself only for rows without a summary.
+_SUMMARIES_SQL: Final = (
+    "SELECT key, tag, access_time FROM Cache"
+    f" WHERE +key >= '{_META}' AND +key < '{_META_END}' AND raw = 1"
+)
+_UNSUMMARIZED_SQL: Final = (
+    "SELECT key, mode, filename, value, access_time FROM Cache"
+    f" WHERE +key >= '{_META}' AND +key < '{_META_END}' AND raw = 1 AND tag IS NULL"
+)
+#: First element of a summary tag: the layout of the array (see ``_summary_tag``).
+_SUMMARY_FORMAT: Final = 1
+_SUMMARY_PREFIX: Final = f"[{_SUMMARY_FORMAT},"
+#: Python types of a decoded summary tag's elements (item_index may be null).
+_SUMMARY_TYPES: Final = frozenset(
+    (int, str, str, str, str, str, bool, index, str, int, float, float, float, str)
+    for index in (type(None), int)
+)
+#: Decodes one JSON value at an offset; returns (value, end). The C scanner behind
+#: ``json.loads``, called without its Python wrapper (a third of the cost per summary).
+_SCAN_JSON: Final[Callable[[str, int], tuple[Any, int]]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # set in __init__, untyped
 # A healthy database answers these without touching much of the file; a zeroed or
 # truncated one fails here, at open, rather than in the middle of a run.
 _PROBE_SQL: Final = (
@@ -150,7 +191,8 @@ _PROBE_SQL: Final = (
     "SELECT key, mode FROM Cache ORDER BY rowid DESC LIMIT 1",
 )
 
-_Row = tuple[str, int, str | None, Any]
+#: (key, mode, filename, value, access_time) of a row of diskcache's ``Cache`` table.
+_Row = tuple[str, int, str | None, Any, Any]
 _Columns = tuple[int, int, str | None, Any]
 
 
@@ -257,6 +299,64 @@ def _dump_meta(meta: EntryMeta) -> bytes:
     return EntryMeta.__pydantic_serializer__.to_json(meta)
 
 
+def _summary_tag(meta: EntryMeta) -> str:
+    """The summary stored in the ``tag`` column of an entry's metadata row.
+
+    A JSON array: ``_SUMMARY_FORMAT``, then the ``EntrySummary`` fields after ``key``
+    (the key is the row key minus ``.<variant>``). Floats are written as floats.
+    """
+    return json.dumps(
+        [
+            _SUMMARY_FORMAT,
+            meta.variant,
+            meta.pipeline,
+            meta.stage_id,
+            meta.stage_identity,
+            meta.version,
+            meta.version_is_source_hash,
+            meta.item_index,
+            meta.codec,
+            meta.size_bytes,
+            float(meta.created_at),
+            float(meta.last_used_at),
+            float(meta.compute_duration_ms),
+            meta.run_id,
+        ],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+
+
+def _parse_summary(entry: str, tag: str, used: Any) -> EntrySummary | None:
+    """The summary of ``entry`` from its row's tag and access_time, or None if unusable."""
+    try:
+        fields, end = _SCAN_JSON(tag, 0)
+    except (StopIteration, ValueError):
+        return None
+    if end != len(tag) or type(fields) is not list or len(fields) != 14:
+        return None
+    if tuple(map(type, fields)) not in _SUMMARY_TYPES:
+        return None
+    variant: str = fields[1]
+    key = entry[: -len(variant) - 1]
+    if not key or not variant or entry != f"{key}.{variant}":
+        return None
+    if type(used) is float and used > fields[11]:
+        fields[11] = used
+    return EntrySummary(key, *fields[1:])
+
+
+def _used_at(meta: EntryMeta, used: Any) -> EntryMeta:
+    """``meta`` reporting ``last_used_at = max(its own value, used)`` (an access_time).
+
+    ``meta`` must be freshly decoded and not yet shared: the frozen model's field is
+    set in place (``model_copy`` costs ~15 µs, a fifth of a cached lookup).
+    """
+    if type(used) is float and used > meta.last_used_at:
+        meta.__dict__["last_used_at"] = used
+    return meta
+
+
 def _checked_for_put(meta: EntryMeta, payload: bytes) -> EntryMeta:
     """Validate an entry before storing it; fill ``payload_checksum`` and ``size_bytes``.
 
@@ -322,11 +422,14 @@ class MemoryStore:
 
     Behaves like ``DiskCacheStore``: metadata goes through its JSON form (so what comes
     back equals what a disk store would return), a key keeps at most ``MAX_VARIANTS``
-    variants, and ``put`` fills ``payload_checksum`` and ``size_bytes``. Thread-safe.
+    variants, ``put`` fills ``payload_checksum`` and ``size_bytes``, and ``touch`` only
+    moves "last used" forward, outside the metadata record. Thread-safe.
     """
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[bytes, bytes]] = {}
+        # id -> (summary as put, last use recorded by ``put`` or ``touch``)
+        self._summaries: dict[str, tuple[EntrySummary, float]] = {}
         # key -> ids of its variants, and id -> key: a lookup must not scan every entry.
         self._ids: dict[str, dict[str, None]] = {}
         self._key_of: dict[str, str] = {}
@@ -336,19 +439,22 @@ class MemoryStore:
     def __repr__(self) -> str:
         return f"MemoryStore({len(self._entries)} entries)"
 
+    def _decoded(self, entry_id: str, data: bytes) -> EntryMeta:
+        return _used_at(EntryMeta.model_validate_json(data), self._summaries[entry_id][1])
+
     def get(self, entry_id: str) -> tuple[EntryMeta, bytes] | None:
         """Return an entry's metadata and payload, or None when absent."""
         with self._mutex:
             found = self._entries.get(entry_id)
-        if found is None:
-            return None
-        return EntryMeta.model_validate_json(found[0]), found[1]
+            if found is None:
+                return None
+            return self._decoded(entry_id, found[0]), found[1]
 
     def get_meta(self, entry_id: str) -> EntryMeta | None:
         """Return an entry's metadata, or None when absent."""
         with self._mutex:
             found = self._entries.get(entry_id)
-        return None if found is None else EntryMeta.model_validate_json(found[0])
+            return None if found is None else self._decoded(entry_id, found[0])
 
     def variants(self, key: str) -> list[EntryMeta]:
         """Metadata of every stored variant of ``key``, most recently used first."""
@@ -356,9 +462,7 @@ class MemoryStore:
 
     def _variants(self, key: str) -> list[EntryMeta]:
         with self._mutex:
-            raw = [self._entries[eid][0] for eid in self._ids.get(key, ())]
-        metas = (EntryMeta.model_validate_json(data) for data in raw)
-        return [meta for meta in metas if meta.key == key]
+            return self._variants_locked(key)
 
     def put(self, meta: EntryMeta, payload: bytes) -> None:
         """Store an entry, replacing one with the same id; keep at most 4 variants per key.
@@ -369,9 +473,11 @@ class MemoryStore:
         """
         meta = _checked_for_put(meta, payload)
         data = _dump_meta(meta)
+        summary = EntrySummary.of(meta)
         with self._mutex:
             self._delete_locked(meta.entry_id)  # replaced: its id may be indexed under a key
             self._entries[meta.entry_id] = (data, payload)
+            self._summaries[meta.entry_id] = (summary, meta.last_used_at)
             self._ids.setdefault(meta.key, {})[meta.entry_id] = None
             self._key_of[meta.entry_id] = meta.key
             others = [m for m in self._variants_locked(meta.key) if m.variant != meta.variant]
@@ -380,14 +486,13 @@ class MemoryStore:
                 self._delete_locked(old.entry_id)
 
     def _variants_locked(self, key: str) -> list[EntryMeta]:
-        metas = (
-            EntryMeta.model_validate_json(self._entries[eid][0]) for eid in self._ids.get(key, ())
-        )
+        metas = (self._decoded(eid, self._entries[eid][0]) for eid in self._ids.get(key, ()))
         return [meta for meta in metas if meta.key == key]
 
     def _delete_locked(self, entry_id: str) -> bool:
         if self._entries.pop(entry_id, None) is None:
             return False
+        del self._summaries[entry_id]
         key = self._key_of.pop(entry_id)
         ids = self._ids[key]
         del ids[entry_id]
@@ -401,21 +506,33 @@ class MemoryStore:
             return self._delete_locked(entry_id)
 
     def touch(self, entry_ids: Iterable[str], when: float) -> None:
-        """Set ``last_used_at`` of the given entries (missing ones are ignored)."""
+        """Record a use of the given entries at ``when`` (missing ones are ignored).
+
+        ``last_used_at`` becomes ``when`` unless it is already later.
+        """
+        when = float(when)
         with self._mutex:
             for eid in set(entry_ids):
-                found = self._entries.get(eid)
-                if found is not None:
-                    meta = EntryMeta.model_validate_json(found[0])
-                    touched = meta.model_copy(update={"last_used_at": when})
-                    self._entries[eid] = (_dump_meta(touched), found[1])
+                found = self._summaries.get(eid)
+                if found is not None and when > found[1]:
+                    self._summaries[eid] = (found[0], when)
 
     def iter_metadata(self) -> Iterator[EntryMeta]:
         """Every entry's metadata (a snapshot), in no particular order."""
         with self._mutex:
-            raw = [meta for meta, _ in self._entries.values()]
-        for data in raw:
-            yield EntryMeta.model_validate_json(data)
+            raw = [(meta, self._summaries[eid][1]) for eid, (meta, _) in self._entries.items()]
+        for data, used in raw:
+            yield _used_at(EntryMeta.model_validate_json(data), used)
+
+    def iter_summaries(self) -> Iterator[EntrySummary]:
+        """Every entry's ``EntrySummary`` (a snapshot), in no particular order.
+
+        Agrees with ``iter_metadata`` field by field, without decoding any metadata.
+        """
+        with self._mutex:
+            found = list(self._summaries.values())
+        for summary, used in found:
+            yield summary._replace(last_used_at=used) if used > summary.last_used_at else summary
 
     def size(self) -> int:
         """Total size in bytes of the stored payloads."""
@@ -737,7 +854,7 @@ class DiskCacheStore:
     # -- reading -----------------------------------------------------------------
 
     def _decode_meta(self, row: _Row, entry: str) -> EntryMeta:
-        """Decode a metadata row stored for ``entry``.
+        """Decode a metadata row stored for ``entry`` (its last use: see ``_used_at``).
 
         Raises:
             _CorruptRow: the row is not raw bytes, or not the metadata of ``entry``.
@@ -750,7 +867,7 @@ class DiskCacheStore:
             raise _CorruptRow("its metadata cannot be decoded") from exc
         if meta.entry_id != entry:
             raise _CorruptRow(f"its metadata belongs to entry {meta.entry_id[:8]}")
-        return meta
+        return _used_at(meta, row[4])
 
     def get(self, entry_id: str) -> tuple[EntryMeta, bytes] | None:
         """Return an entry's metadata and payload, or None when absent or unreadable.
@@ -924,14 +1041,14 @@ class DiskCacheStore:
             )
 
     def _decode_page(
-        self, rows: Sequence[tuple[int, str, int, str | None, Any]]
+        self, rows: Sequence[tuple[Any, str, int, str | None, Any, Any]]
     ) -> list[EntryMeta]:
         """Decode metadata rows; skip unreadable ones and ones not matching their key."""
         metas: list[EntryMeta] = []
         append = metas.append
         decode = EntryMeta.model_validate_json
         with _gc_paused():
-            for _, key, mode, filename, value in rows:
+            for _, key, mode, filename, value, used in rows:
                 try:
                     if mode != _MODE_RAW or type(value) is not bytes:  # in a file, or damaged
                         value = _fetch_bytes(self._root, mode, filename, value)
@@ -939,8 +1056,73 @@ class DiskCacheStore:
                 except (_CorruptRow, OSError, ValidationError):
                     continue
                 if meta.entry_id == key[2:]:
-                    append(meta)
+                    append(_used_at(meta, used))
         return metas
+
+    def iter_summaries(self) -> Iterator[EntrySummary]:
+        """Every entry's ``EntrySummary``, in storage order (what ``pipe cache ls`` lists).
+
+        One query reads each metadata row's summary (its ``tag`` column, written by
+        ``put`` in the entry's transaction) and last use; no metadata record is decoded.
+        Rows written before summaries existed, or whose summary cannot be read, are
+        decoded in full instead. Agrees with ``iter_metadata`` field by field, and like
+        it skips unreadable records (one warning at the end) without deleting them.
+
+        Raises:
+            StoreError: the database is damaged or closed, or SQLite fails.
+        """
+        action = "list the cache entries"
+        cache = self._scanner(action)
+        con = _connection(cache)
+        try:
+            rows = con.execute(_SUMMARIES_SQL).fetchall()
+        except sqlite3.Error as exc:
+            raise self._scan_failed(exc, action) from exc
+        summaries: list[EntrySummary] = []
+        unsummarized = False
+        odd: list[str] = []
+        with _gc_paused():
+            append = summaries.append
+            parse = _parse_summary
+            prefix = _SUMMARY_PREFIX
+            for key, tag, used in rows:
+                if tag is None:
+                    unsummarized = True
+                    continue
+                found = (
+                    parse(key[2:], tag, used)
+                    if type(tag) is str and tag.startswith(prefix)
+                    else None
+                )
+                if found is None:
+                    odd.append(key)
+                else:
+                    append(found)
+        del rows
+        yield from summaries
+        del summaries
+        skipped = 0
+        try:
+            if unsummarized:
+                rows = con.execute(_UNSUMMARIZED_SQL).fetchall()
+                metas = self._decode_page([(None, *row) for row in rows])
+                skipped += len(rows) - len(metas)
+                yield from map(EntrySummary.of, metas)
+            for key in odd:
+                row = con.execute(_META_ROW_SQL, (key,)).fetchone()
+                if row is None:  # deleted meanwhile
+                    continue
+                metas = self._decode_page([(None, *row)])
+                skipped += 1 - len(metas)
+                yield from map(EntrySummary.of, metas)
+        except sqlite3.Error as exc:
+            raise self._scan_failed(exc, action) from exc
+        if skipped:
+            _log.warning(
+                "Skipped %d unreadable cache entries in %s; the next lookup of each removes it",
+                skipped,
+                self._store_dir,
+            )
 
     def size(self) -> int:
         """Total size in bytes of the stored payloads (one query).
@@ -1030,7 +1212,15 @@ class DiskCacheStore:
                 with cache.transact():
                     con = _connection(cache)
                     now = time.time()
-                    _write_row(con, _META + entry, meta_columns, now, old_files)
+                    _write_row(
+                        con,
+                        _META + entry,
+                        meta_columns,
+                        now,
+                        old_files,
+                        _summary_tag(meta),
+                        meta.last_used_at,
+                    )
                     _write_row(con, _PAYLOAD + entry, payload_columns, now, old_files)
                     self._drop_old_variants(con, meta, old_files)
                 committed = True
@@ -1077,42 +1267,22 @@ class DiskCacheStore:
         return existed
 
     def touch(self, entry_ids: Iterable[str], when: float) -> None:
-        """Set ``last_used_at`` of the given entries in one transaction.
+        """Record a use of the given entries at ``when``, in one transaction.
 
-        Missing and unreadable entries are ignored.
+        One ``UPDATE`` of the ``access_time`` column per entry (the metadata record is
+        not rewritten): ``last_used_at`` becomes ``when`` unless it is already later.
+        Missing entries are ignored.
 
         Raises:
             StoreError: the store cannot be written.
         """
-        wanted = sorted(set(entry_ids))
-        if not wanted:
+        when = float(when)
+        params = [(when, _META + entry) for entry in sorted(set(entry_ids))]
+        if not params:
             return
-        old_files: list[str | None] = []
-        new_files: list[str | None] = []
-        with self._writing(f"record the use of {len(wanted)} cache entries") as cache:
-            committed = False
-            try:
-                with cache.transact():
-                    con = _connection(cache)
-                    now = time.time()
-                    for entry in wanted:
-                        key = _META + entry
-                        row = con.execute(_META_ROW_SQL, (key,)).fetchone()
-                        if row is None:
-                            continue
-                        try:
-                            meta = self._decode_meta(row, entry)
-                        except (_CorruptRow, OSError):
-                            continue
-                        touched = meta.model_copy(update={"last_used_at": when})
-                        columns = self._disk.store(_dump_meta(touched), False)
-                        new_files.append(columns[2])
-                        _write_row(con, key, columns, now, old_files)
-                committed = True
-            finally:
-                if not committed:
-                    self._remove_files(new_files)
-            self._remove_files(old_files)
+        with self._writing(f"record the use of {len(params)} cache entries") as cache:
+            with cache.transact():
+                _connection(cache).executemany(_TOUCH_SQL, params)
 
     # -- locks and closing ----------------------------------------------------------
 
@@ -1201,15 +1371,21 @@ def _write_row(
     columns: _Columns,
     now: float,
     old_files: list[str | None],
+    tag: str | None = None,
+    used: float | None = None,
 ) -> None:
-    """Insert or replace one row, as ``Cache.set`` does; its old file goes to ``old_files``."""
+    """Insert or replace one row, as ``Cache.set`` does; its old file goes to ``old_files``.
+
+    ``tag`` and ``used`` (the access_time, default ``now``) are set for metadata rows.
+    """
     size, mode, filename, value = columns
+    access = now if used is None else float(used)
     found = con.execute(_ROW_SQL, (key,)).fetchone()
     if found is None:
-        con.execute(_INSERT_SQL, (key, now, now, size, mode, filename, value))
+        con.execute(_INSERT_SQL, (key, now, access, tag, size, mode, filename, value))
     else:
         old_files.append(found[1])
-        con.execute(_UPDATE_SQL, (now, now, size, mode, filename, value, found[0]))
+        con.execute(_UPDATE_SQL, (now, access, tag, size, mode, filename, value, found[0]))
 
 
 def _delete_rows(con: sqlite3.Connection, entry: str, old_files: list[str | None]) -> bool:
