@@ -46,7 +46,9 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import repeat
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Final
 
@@ -163,26 +165,28 @@ _TOUCH_SQL: Final = (
     "UPDATE Cache SET access_time = max(coalesce(access_time, ?1), ?1) WHERE key = ?2 AND raw = 1"
 )
 # Every entry's summary (``iter_summaries``), by a scan of the table in rowid order
-# ("+key", as ``_PAGE_SQL``); the metadata itself only for rows without a summary.
+# ("+key", as ``_PAGE_SQL``); the tag as bytes (text that is not UTF-8 must not fail
+# the query, only that row's summary).
 _SUMMARIES_SQL: Final = (
-    "SELECT key, tag, access_time FROM Cache"
+    "SELECT key, CAST(tag AS BLOB), access_time FROM Cache"
     f" WHERE +key >= '{_META}' AND +key < '{_META_END}' AND raw = 1"
 )
+# The metadata rows without a usable summary are decoded in full: by key when they are
+# few, else from one scan of every metadata row.
 _UNSUMMARIZED_SQL: Final = (
     "SELECT key, mode, filename, value, access_time FROM Cache"
-    f" WHERE +key >= '{_META}' AND +key < '{_META_END}' AND raw = 1 AND tag IS NULL"
+    f" WHERE +key >= '{_META}' AND +key < '{_META_END}' AND raw = 1"
 )
+_UNSUMMARIZED_BY_KEY: Final = 1000
 #: First element of a summary tag: the layout of the array (see ``_summary_tag``).
 _SUMMARY_FORMAT: Final = 1
-_SUMMARY_PREFIX: Final = f"[{_SUMMARY_FORMAT},"
 #: Python types of a decoded summary tag's elements (item_index may be null).
 _SUMMARY_TYPES: Final = frozenset(
-    (int, str, str, str, str, str, bool, index, str, int, float, float, float, str)
+    (int, str, str, str, str, str, str, bool, index, str, int, float, float, float, str)
     for index in (type(None), int)
 )
-#: Decodes one JSON value at an offset; returns (value, end). The C scanner behind
-#: ``json.loads``, called without its Python wrapper (a third of the cost per summary).
-_SCAN_JSON: Final[Callable[[str, int], tuple[Any, int]]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # set in __init__, untyped
+#: Index of ``last_used_at`` in a summary tag.
+_SUMMARY_USED: Final = 12
 # A healthy database answers these without touching much of the file; a zeroed or
 # truncated one fails here, at open, rather than in the middle of a run.
 _PROBE_SQL: Final = (
@@ -302,12 +306,13 @@ def _dump_meta(meta: EntryMeta) -> bytes:
 def _summary_tag(meta: EntryMeta) -> str:
     """The summary stored in the ``tag`` column of an entry's metadata row.
 
-    A JSON array: ``_SUMMARY_FORMAT``, then the ``EntrySummary`` fields after ``key``
-    (the key is the row key minus ``.<variant>``). Floats are written as floats.
+    A JSON array: ``_SUMMARY_FORMAT``, then the ``EntrySummary`` fields in order (floats
+    written as floats). It is written with the metadata, in the same row.
     """
     return json.dumps(
         [
             _SUMMARY_FORMAT,
+            meta.key,
             meta.variant,
             meta.pipeline,
             meta.stage_id,
@@ -327,23 +332,56 @@ def _summary_tag(meta: EntryMeta) -> str:
     )
 
 
-def _parse_summary(entry: str, tag: str, used: Any) -> EntrySummary | None:
-    """The summary of ``entry`` from its row's tag and access_time, or None if unusable."""
+def _parse_summary(row_key: str, tag: bytes | None, used: Any) -> EntrySummary | None:
+    """The summary in the tag of metadata row ``row_key``, or None if it is unusable."""
+    if tag is None:
+        return None
     try:
-        fields, end = _SCAN_JSON(tag, 0)
-    except (StopIteration, ValueError):
+        fields = json.loads(tag)
+    except ValueError:
         return None
-    if end != len(tag) or type(fields) is not list or len(fields) != 14:
+    if type(fields) is not list or tuple(map(type, fields)) not in _SUMMARY_TYPES:
         return None
-    if tuple(map(type, fields)) not in _SUMMARY_TYPES:
+    if fields[0] != _SUMMARY_FORMAT or row_key != f"{_META}{fields[1]}.{fields[2]}":
         return None
-    variant: str = fields[1]
-    key = entry[: -len(variant) - 1]
-    if not key or not variant or entry != f"{key}.{variant}":
+    if type(used) is float and used > fields[_SUMMARY_USED]:
+        fields[_SUMMARY_USED] = used
+    return EntrySummary._make(fields[1:])
+
+
+def _parse_summaries(
+    row_keys: Sequence[str], tags: Sequence[bytes | None], used: Sequence[Any]
+) -> list[EntrySummary] | None:
+    """The summaries of many metadata rows at once, or None if any is unusable.
+
+    The tags are parsed as one JSON array, ``[`` + tags joined by ``,\\n`` + ``]``, and
+    the checks and the building run in C loops (a listing of 100,000 entries must stay
+    well under a second). Each tag is proven to be exactly one element: a string cannot
+    span a separator (``json`` rejects raw newlines in strings), every tag starts with
+    ``[``, every element must be a flat array of the summary's types (so each ``[``
+    outside strings opens one), and there must be exactly one element per row.
+    """
+    try:
+        if not all(map(bytes.startswith, tags, repeat(b"["))):  # type: ignore[arg-type]
+            return None
+        values = json.loads(b"[" + b",\n".join(tags) + b"]")  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # TypeError: a row without a tag
         return None
-    if type(used) is float and used > fields[11]:
-        fields[11] = used
-    return EntrySummary(key, *fields[1:])
+    if len(values) != len(row_keys):
+        return None
+    if not all(map(_SUMMARY_TYPES.__contains__, map(tuple, map(map, repeat(type), values)))):
+        return None
+    if not values:
+        return []
+    columns = list(zip(*values, strict=True))
+    if columns[0].count(_SUMMARY_FORMAT) != len(values):
+        return None
+    if list(map(f"{_META}{{}}.{{}}".format, columns[1], columns[2])) != list(row_keys):
+        return None
+    if not all(map(float.__instancecheck__, used)):
+        return None
+    columns[_SUMMARY_USED] = tuple(map(max, columns[_SUMMARY_USED], used))
+    return list(map(tuple.__new__, repeat(EntrySummary), zip(*columns[1:], strict=True)))
 
 
 def _used_at(meta: EntryMeta, used: Any) -> EntryMeta:
@@ -1074,49 +1112,42 @@ class DiskCacheStore:
         action = "list the cache entries"
         cache = self._scanner(action)
         con = _connection(cache)
-        try:
-            rows = con.execute(_SUMMARIES_SQL).fetchall()
-        except sqlite3.Error as exc:
-            raise self._scan_failed(exc, action) from exc
-        summaries: list[EntrySummary] = []
-        unsummarized = False
-        odd: list[str] = []
         with _gc_paused():
-            append = summaries.append
-            parse = _parse_summary
-            prefix = _SUMMARY_PREFIX
-            for key, tag, used in rows:
-                if tag is None:
-                    unsummarized = True
-                    continue
-                found = (
-                    parse(key[2:], tag, used)
-                    if type(tag) is str and tag.startswith(prefix)
-                    else None
-                )
-                if found is None:
-                    odd.append(key)
-                else:
-                    append(found)
-        del rows
+            try:
+                rows = con.execute(_SUMMARIES_SQL).fetchall()
+            except sqlite3.Error as exc:
+                raise self._scan_failed(exc, action) from exc
+            odd: list[str] = []  # rows without a usable summary
+            keys = list(map(itemgetter(0), rows))
+            tags = list(map(itemgetter(1), rows))
+            used = list(map(itemgetter(2), rows))
+            del rows
+            summaries = _parse_summaries(keys, tags, used)
+            if summaries is None:  # one row at a time, to find the unusable ones
+                summaries = []
+                for row_key, tag, at in zip(keys, tags, used, strict=True):
+                    found = _parse_summary(row_key, tag, at)
+                    if found is None:
+                        odd.append(row_key)
+                    else:
+                        summaries.append(found)
+            del keys, tags, used
         yield from summaries
         del summaries
-        skipped = 0
+        if not odd:
+            return
         try:
-            if unsummarized:
-                rows = con.execute(_UNSUMMARIZED_SQL).fetchall()
-                metas = self._decode_page([(None, *row) for row in rows])
-                skipped += len(rows) - len(metas)
-                yield from map(EntrySummary.of, metas)
-            for key in odd:
-                row = con.execute(_META_ROW_SQL, (key,)).fetchone()
-                if row is None:  # deleted meanwhile
-                    continue
-                metas = self._decode_page([(None, *row)])
-                skipped += 1 - len(metas)
-                yield from map(EntrySummary.of, metas)
+            if len(odd) <= _UNSUMMARIZED_BY_KEY:
+                one = (con.execute(_META_ROW_SQL, (key,)).fetchone() for key in odd)
+                rows = [row for row in one if row is not None]  # None: deleted meanwhile
+            else:
+                wanted = set(odd)
+                rows = [r for r in con.execute(_UNSUMMARIZED_SQL).fetchall() if r[0] in wanted]
         except sqlite3.Error as exc:
             raise self._scan_failed(exc, action) from exc
+        metas = self._decode_page([(None, *row) for row in rows])
+        skipped = len(rows) - len(metas)
+        yield from map(EntrySummary.of, metas)
         if skipped:
             _log.warning(
                 "Skipped %d unreadable cache entries in %s; the next lookup of each removes it",
