@@ -35,6 +35,9 @@ logger = logging.getLogger("twinklr_pipe")
 #: Payloads larger than this are read in a worker thread, not on the event loop.
 _INLINE_READ_BYTES = 1 << 20
 
+#: Worker threads that may wait at once for cross-process key locks (``dedupe``).
+_LOCK_WAITERS = 16
+
 #: Fingerprint recorded for a state key that was absent when read.
 MISSING_STATE = xxhash.xxh3_128_hexdigest(b"\x00twinklr_pipe:missing-state-key")
 _ABSENT: Any = object()
@@ -111,6 +114,9 @@ class CacheRuntime:
         self._deferred: set[str] = set()
         self._touched: dict[str, None] = {}
         self._limiter = anyio.CapacityLimiter(4)
+        # Threads blocked on another process's key lock (dedupe) must never take the
+        # store's threads: the lock holders need those to save and release.
+        self._lock_waits = anyio.CapacityLimiter(_LOCK_WAITERS)
         self._store_error_logged = False
         self.hits = 0
         self.stored = 0
@@ -282,7 +288,7 @@ class CacheRuntime:
                 yield recheck
                 return
             held = file_lock(key)
-            await anyio.to_thread.run_sync(held.__enter__, limiter=self._limiter)
+            await anyio.to_thread.run_sync(held.__enter__, limiter=self._lock_waits)
             try:
                 yield True
             finally:
