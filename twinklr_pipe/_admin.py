@@ -24,6 +24,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import repeat
 from pathlib import Path, PurePath
 from typing import Any, Protocol
 
@@ -312,22 +313,36 @@ def _format_entries(entries: Sequence[_EntryLike]) -> str:
     stages = [s if i is None else f"{s}[{i}]" for s, i in zip(stage, index, strict=True)]
     versions = [v[:12] if h else v for v, h in zip(version, is_hash, strict=True)]
     sizes = [f"{n} B" if n < 1024 else format_bytes(n) for n in size]
-    minutes = _minutes(created, used)
-    created_text = list(map(minutes.__getitem__, _minute_ids(created)))
-    used_text = list(map(minutes.__getitem__, _minute_ids(used)))
+    created_ids = list(_minute_ids(created))
+    used_ids = list(_minute_ids(used))
+    minutes = _minutes_text(created_ids, used_ids)
+    created_text = list(map(minutes.__getitem__, created_ids))
+    used_text = list(map(minutes.__getitem__, used_ids))
     columns = (keys, pipeline, stages, versions, sizes, created_text)
     w = [
         max(len(title), max(map(len, col), default=0))
         for title, col in zip(header[:6], columns, strict=True)
     ]
-    line = (
-        f"{{:<{w[0]}}}  {{:<{w[1]}}}  {{:<{w[2]}}}  {{:<{w[3]}}}  {{:>{w[4]}}}  {{:<{w[5]}}}  {{}}"
-    ).format
+    # Pad column by column (C loops), then join each row's cells: several times faster
+    # than one str.format per row.
+    padded = [
+        list(map(str.rjust if i == 4 else str.ljust, col, repeat(width)))
+        for i, (col, width) in enumerate(zip(columns, w, strict=True))
+    ]
     total = sum(size)
     noun = "entry" if len(rows) == 1 else "entries"
     footer = f"{len(rows)} {noun}, {format_bytes(total)} ({total} bytes)"
-    body = map(line, keys, pipeline, stages, versions, sizes, created_text, used_text)
-    return "\n".join([line(*header), *body, footer])
+    title = "  ".join(
+        [
+            *(
+                t.rjust(n) if i == 4 else t.ljust(n)
+                for i, (t, n) in enumerate(zip(header[:6], w, strict=True))
+            ),
+            header[6],
+        ]
+    )
+    body = map("  ".join, zip(*padded, used_text, strict=True))
+    return "\n".join([title, *body, footer])
 
 
 def _minute_ids(timestamps: Iterable[float]) -> Iterator[int]:
@@ -335,11 +350,11 @@ def _minute_ids(timestamps: Iterable[float]) -> Iterator[int]:
     return map(int, map(operator.floordiv, timestamps, itertools.repeat(60)))
 
 
-def _minutes(*columns: Iterable[float]) -> dict[int, str]:
-    """Local ``YYYY-MM-DD HH:MM`` of every minute the timestamps fall in (0: ``-``)."""
+def _minutes_text(*columns: Iterable[int]) -> dict[int, str]:
+    """Local ``YYYY-MM-DD HH:MM`` of every minute id (``_minute_ids``) given (0: ``-``)."""
     found: set[int] = set()
     for column in columns:
-        found.update(_minute_ids(column))
+        found.update(column)
     return {
         minute: time.strftime("%Y-%m-%d %H:%M", time.localtime(minute * 60)) if minute else "-"
         for minute in found

@@ -185,6 +185,11 @@ _SUMMARY_TYPES: Final = frozenset(
     (int, str, str, str, str, str, str, bool, index, str, int, float, float, float, str)
     for index in (type(None), int)
 )
+#: The same, per element (``_parse_summaries`` checks a column at a time).
+_SUMMARY_COLUMN_TYPES: Final = tuple(
+    frozenset(types) for types in zip(*_SUMMARY_TYPES, strict=True)
+)
+_SUMMARY_LENGTH: Final = 15
 #: Index of ``last_used_at`` in a summary tag.
 _SUMMARY_USED: Final = 12
 # A healthy database answers these without touching much of the file; a zeroed or
@@ -367,13 +372,14 @@ def _parse_summaries(
         values = json.loads(b"[" + b",\n".join(tags) + b"]")  # type: ignore[arg-type]
     except (TypeError, ValueError):  # TypeError: a row without a tag
         return None
-    if len(values) != len(row_keys):
+    if len(values) != len(row_keys) or not values:
+        return [] if not values and not row_keys else None
+    if set(map(type, values)) != {list} or set(map(len, values)) != {_SUMMARY_LENGTH}:
         return None
-    if not all(map(_SUMMARY_TYPES.__contains__, map(tuple, map(map, repeat(type), values)))):
-        return None
-    if not values:
-        return []
-    columns = list(zip(*values, strict=True))
+    columns = list(zip(*values, strict=True))  # one tuple per field
+    for column, allowed in zip(columns, _SUMMARY_COLUMN_TYPES, strict=True):
+        if not set(map(type, column)) <= allowed:
+            return None
     if columns[0].count(_SUMMARY_FORMAT) != len(values):
         return None
     if list(map(f"{_META}{{}}.{{}}".format, columns[1], columns[2])) != list(row_keys):
@@ -1109,6 +1115,11 @@ class DiskCacheStore:
         Raises:
             StoreError: the database is damaged or closed, or SQLite fails.
         """
+        # A list's iterator: consuming it costs nothing per entry (a generator would
+        # resume 100,000 times). The list is what one query read: a snapshot.
+        return iter(self._summaries())
+
+    def _summaries(self) -> list[EntrySummary]:
         action = "list the cache entries"
         cache = self._scanner(action)
         con = _connection(cache)
@@ -1132,10 +1143,8 @@ class DiskCacheStore:
                     else:
                         summaries.append(found)
             del keys, tags, used
-        yield from summaries
-        del summaries
         if not odd:
-            return
+            return summaries
         try:
             if len(odd) <= _UNSUMMARIZED_BY_KEY:
                 one = (con.execute(_META_ROW_SQL, (key,)).fetchone() for key in odd)
@@ -1147,13 +1156,14 @@ class DiskCacheStore:
             raise self._scan_failed(exc, action) from exc
         metas = self._decode_page([(None, *row) for row in rows])
         skipped = len(rows) - len(metas)
-        yield from map(EntrySummary.of, metas)
+        summaries.extend(map(EntrySummary.of, metas))
         if skipped:
             _log.warning(
                 "Skipped %d unreadable cache entries in %s; the next lookup of each removes it",
                 skipped,
                 self._store_dir,
             )
+        return summaries
 
     def size(self) -> int:
         """Total size in bytes of the stored payloads (one query).
