@@ -13,6 +13,7 @@ milliseconds) instead of an interpreter start (seconds on a busy machine).
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import hashlib
 import json
 import logging
@@ -533,6 +534,10 @@ def job_disk_full_run(cache_dir: str, report: str, headroom: int) -> int:
     return 0
 
 
+#: A forked job still running after this many seconds dumps its stacks and exits.
+HANG_SECONDS = 90
+
+
 # -- the zygote -------------------------------------------------------------------------------
 
 
@@ -542,6 +547,8 @@ def _child(job: str, kwargs: dict[str, Any]) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.close(devnull)
+    # A job that hangs shows every thread's stack (on stderr) before the test times out.
+    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
     try:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         code = JOBS[job](**kwargs)
