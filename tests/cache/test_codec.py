@@ -441,3 +441,26 @@ class TestCorruptPayloads:
         """``decode_json_tree`` raises CodecError for malformed trees."""
         with pytest.raises(CodecError):
             decode_json_tree(tree)
+
+
+class TestPlantedModules:
+    def test_a_payload_never_imports_a_module_the_program_has_not_imported(
+        self, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Decoding refuses a class from an unimported module without running its code."""
+        marker = tmp_path / "imported"
+        (tmp_path / "planted_mod.py").write_text(
+            f"open({str(marker)!r}, 'w').close()\n"
+            "from pydantic import BaseModel\n"
+            "class Evil(BaseModel):\n    x: int = 1\n"
+        )
+        monkeypatch.syspath_prepend(str(tmp_path))
+        _, payload = encode(Line(sku="a", qty=1))
+        planted = payload.replace(
+            f"{Line.__module__}:{Line.__qualname__}".encode(), b"planted_mod:Evil"
+        )
+        assert planted != payload
+        with pytest.raises(CodecError, match="'planted_mod' is not imported"):
+            decode("json/1", planted)
+        assert not marker.exists()
+        assert "planted_mod" not in sys.modules

@@ -486,10 +486,14 @@ def _resolve(spec: Any) -> Any:
     module, qualname = spec.split(":")
     if not module or not qualname or "<locals>" in qualname:
         raise CodecError(f"invalid class reference {spec!r} in payload")
-    try:
-        obj: Any = importlib.import_module(module)
-    except Exception as exc:
-        raise CodecError(f"cannot import module {module!r} to restore {spec}: {exc}") from exc
+    # Only modules the program has already imported: importing one named by a payload
+    # would run its top-level code on behalf of whoever wrote the cache entry.
+    obj: Any = sys.modules.get(module)
+    if obj is None:
+        raise CodecError(
+            f"module {module!r} is not imported, so {spec} is not restored from the cache "
+            "(import it before the run, e.g. in the module that defines the stage)"
+        )
     for part in qualname.split("."):
         try:
             obj = getattr(obj, part)
