@@ -1040,7 +1040,13 @@ class DiskCacheStore:
                 continue
             payload_row = payloads.get(entry)
             # "k.a.b" is variant "a.b" of "k", or variant "b" of "k.a".
-            if payload_row is None or meta.key != key:
+            if meta.key != key:
+                continue
+            if payload_row is None:
+                # Both rows are written in one transaction and read here in one statement:
+                # metadata without its payload is damage, never a write in progress.
+                if self._evict_if_unchanged(cache, row[0], None, [row]):
+                    self._warn_corrupt(meta, entry, "its payload record is missing")
                 continue
             metas.append(meta)
             if payload_row[1] != _MODE_RAW or payload_row[3] is not None:
