@@ -7,6 +7,8 @@ skips every stage whose code, configuration and inputs are unchanged.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._context import PipelineContext as PipelineContext
 from ._context import current_context as current_context
 from ._definition import ExecutionPattern as ExecutionPattern
@@ -22,9 +24,6 @@ from ._events import RunStarted as RunStarted
 from ._events import StageFinished as StageFinished
 from ._events import StageStarted as StageStarted
 from ._executor import PipelineExecutor as PipelineExecutor
-from ._plan import RunPlan as RunPlan
-from ._plan import StagePlan as StagePlan
-from ._plan import plan_run as plan_run
 from ._pools import PoolLimit as PoolLimit
 from ._results import PipelineResult as PipelineResult
 from ._results import StageResult as StageResult
@@ -35,18 +34,38 @@ from ._results import skipped_result as skipped_result
 from ._results import success_result as success_result
 from ._stage import PipelineStage as PipelineStage
 from ._stage import stage as stage
-from .cache._fingerprint import FileInput as FileInput
 
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str) -> object:
-    # DaskRunner is public but lives behind the optional [dask] extra: import it lazily.
-    if name == "DaskRunner":
-        from ._dask import DaskRunner
+if TYPE_CHECKING:
+    from ._dask import DaskRunner as DaskRunner
+    from ._plan import RunPlan as RunPlan
+    from ._plan import StagePlan as StagePlan
+    from ._plan import plan_run as plan_run
+    from .cache._fingerprint import FileInput as FileInput
 
-        return DaskRunner
-    raise AttributeError(f"module 'twinklr_pipe' has no attribute '{name}'")
+# Imported on first use: the planner and FileInput pull in the whole cache package
+# (diskcache, sqlite3, the codec), and DaskRunner lives behind the optional [dask]
+# extra. ``import twinklr_pipe`` stays light for pipelines that never cache.
+_LAZY = {
+    "DaskRunner": "._dask",
+    "FileInput": ".cache._fingerprint",
+    "RunPlan": "._plan",
+    "StagePlan": "._plan",
+    "plan_run": "._plan",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'twinklr_pipe' has no attribute '{name}'")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
 
 
 __all__ = [
@@ -82,3 +101,7 @@ __all__ = [
     "stage",
     "success_result",
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
