@@ -46,6 +46,7 @@ from ._results import (
     cancelled_result,
     failure_result,
     skipped_result,
+    success_result,
 )
 from ._retry import delay_ms, is_retryable
 from ._stage import FunctionStage
@@ -228,19 +229,24 @@ class _StageState:
 
 
 class _Outcome:
-    """What one invocation (a stage, or one FAN_OUT item) produced."""
+    """What one invocation (a stage, or one FAN_OUT item) produced.
 
-    __slots__ = ("attempts", "cache", "digest", "entry_id", "result", "saved_ms")
+    A cache hit carries no ``StageResult`` (``result`` is None): its caller builds the
+    stage's one result with the final metadata, so a hit validates one model, not two.
+    """
+
+    __slots__ = ("attempts", "cache", "digest", "entry_id", "result", "saved_ms", "value")
 
     def __init__(
         self,
-        result: StageResult[Any],
+        result: StageResult[Any] | None,
         *,
         attempts: int = 0,
         cache: str = "off",
         digest: bytes | None = None,
         entry_id: str | None = None,
         saved_ms: float = 0.0,
+        value: Any = None,
     ) -> None:
         self.result = result
         self.attempts = attempts
@@ -248,6 +254,19 @@ class _Outcome:
         self.digest = digest
         self.entry_id = entry_id
         self.saved_ms = saved_ms
+        self.value = value
+
+    @property
+    def success(self) -> bool:
+        return self.result is None or self.result.success
+
+    @property
+    def output(self) -> Any:
+        return self.value if self.result is None else self.result.output
+
+    @property
+    def error(self) -> str | None:
+        return None if self.result is None else self.result.error
 
 
 class _Run:
@@ -491,13 +510,13 @@ class _Run:
         st.digest = outcome.digest
         status = (
             StageStatus.CACHED
-            if outcome.cache == "hit"
+            if result is None
             else StageStatus.SUCCEEDED
             if result.success
             else StageStatus.FAILED
         )
         meta = {
-            **result.metadata,
+            **(result.metadata if result is not None else {}),
             "status": status.value,
             "duration_ms": (time.perf_counter() - started) * 1000,
             "attempts": outcome.attempts,
@@ -509,6 +528,13 @@ class _Run:
             meta["saved_ms"] = outcome.saved_ms
         if st.id in self.pool_wait:
             meta["pool_wait_ms"] = self.pool_wait[st.id]
+        if result is None:  # a hit: its one result, built here
+            self._finish(
+                st,
+                success_result(outcome.value, stage_name=_name(sdef), metadata=meta),
+                outcome.value,
+            )
+            return
         self._finish(st, result.model_copy(update={"metadata": meta}), result.output)
 
     def _input_of(self, st: _StageState) -> Any:
@@ -577,7 +603,7 @@ class _Run:
         cache = self.cache
         if cache is None or keyer is None:
             outcome = await self._attempts(sdef, value, None, limiter)
-            if cache is not None and outcome.result.success:
+            if cache is not None and outcome.success:
                 outcome.cache = "off"
             return outcome
         try:
@@ -598,15 +624,16 @@ class _Run:
             recorder = StateRecorder()
             outcome = await self._attempts(sdef, value, recorder, limiter)
             outcome.cache = "forced" if forced else "miss"
-            if outcome.result.success:
+            done = outcome.result
+            if done is not None and done.success:
                 try:
                     outcome.digest, outcome.entry_id = await cache.save(
                         info,
                         sdef,
-                        outcome.result.output,
+                        done.output,
                         recorder,
                         item_index=item_index,
-                        duration_ms=outcome.result.metadata.get("compute_ms", 0.0),
+                        duration_ms=done.metadata.get("compute_ms", 0.0),
                     )
                 except CacheError as exc:
                     # The output cannot be stored (codec) or fingerprinted: the stage fails
@@ -625,9 +652,9 @@ class _Run:
             from ._events import CacheHit
 
             self.emit(CacheHit(self.run_id, st.id, meta.key, item_index, meta.compute_duration_ms))
-        result = StageResult[Any](success=True, stage_name=_name(st.sdef), output=hit.value)
         return _Outcome(
-            result,
+            None,
+            value=hit.value,
             cache="hit",
             digest=hit.digest,
             entry_id=meta.entry_id,
@@ -806,7 +833,7 @@ class _Run:
             self.emit(FanOutProgress(self.run_id, st.id, done, total, cached))
 
         stop_on_failure = sdef.critical and self.pipeline.fail_fast
-        failed_early = any(o is not None and not o.result.success for o in outcomes)
+        failed_early = any(o is not None and not o.success for o in outcomes)
         if pending and not (failed_early and stop_on_failure):
             async with anyio.create_task_group() as ftg:
 
@@ -819,7 +846,7 @@ class _Run:
                         cached += 1
                     if self.on_event is not None:
                         self.emit(FanOutProgress(self.run_id, st.id, done, total, cached))
-                    if not outcome.result.success and stop_on_failure:
+                    if not outcome.success and stop_on_failure:
                         ftg.cancel_scope.cancel()
 
                 for i in pending:
@@ -831,13 +858,13 @@ class _Run:
     ) -> None:
         total = len(outcomes)
         errors = [
-            (i, o.result.error)
+            (i, o.error)
             for i, o in enumerate(outcomes)
-            if o is not None and not o.result.success
+            if o is not None and not o.success
         ]
         unfinished = sum(1 for o in outcomes if o is None)
         hits = sum(1 for o in outcomes if o is not None and o.cache == "hit")
-        ran = sum(1 for o in outcomes if o is not None and o.cache != "hit" and o.result.success)
+        ran = sum(1 for o in outcomes if o is not None and o.cache != "hit" and o.success)
         for o in outcomes:
             if o is not None and o.entry_id:
                 st.entry_ids.append(o.entry_id)
@@ -868,7 +895,7 @@ class _Run:
             meta["failed_items"] = [i for i, _ in errors]
             self._finish(st, failure_result(message, stage_name=_name(st.sdef), metadata=meta))
             return
-        output = [o.result.output for o in outcomes if o is not None]
+        output = [o.output for o in outcomes if o is not None]
         if self.cache is not None:
             from .cache._fingerprint import sequence_digest
 
@@ -878,8 +905,6 @@ class _Run:
         meta["status"] = (
             StageStatus.CACHED.value if meta["cache"] == "hit" else StageStatus.SUCCEEDED.value
         )
-        from ._results import success_result
-
         self._finish(st, success_result(output, stage_name=_name(st.sdef), metadata=meta), output)
 
     # -- the result -----------------------------------------------------------------------

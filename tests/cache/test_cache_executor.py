@@ -123,14 +123,27 @@ class TestResults:
         assert meta.metrics == {"tokens": 42}
         assert meta.item_index is None and meta.item_fingerprint is None
 
-        # A hit updates last-used, not created-at or the run that stored it.
+        # A hit within a minute of the entry's last use records nothing: re-runs seconds
+        # apart do not rewrite every entry's access time.
         second = await run(
             pipe, "hello", store=store, context=PipelineContext(state={"lang": "en"})
         )
         assert log.take() == [] and second.cached == ["think"]
+        (same,) = list(store.iter_metadata())
+        assert same.last_used_at == meta.last_used_at
+
+        # An older last use moves to now; created-at and the run that stored it stay.
+        got = store.get(meta.entry_id)
+        assert got is not None
+        old = meta.model_copy(update={"created_at": before - 300, "last_used_at": before - 120})
+        store.put(old, got[1])
+        third = await run(
+            pipe, "hello", store=store, context=PipelineContext(state={"lang": "en"})
+        )
+        assert log.take() == [] and third.cached == ["think"]
         (again,) = list(store.iter_metadata())
-        assert again.created_at == meta.created_at
-        assert again.last_used_at > meta.last_used_at
+        assert again.created_at == before - 300
+        assert before <= again.last_used_at <= time.time()
         assert again.run_id == result.run_id
         store.close()
 

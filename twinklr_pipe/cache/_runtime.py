@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -23,6 +23,7 @@ from ._codec import _TAG_MARK, BYTES, JSON, decode, decode_json_tree, encode, en
 from ._entry import CacheStore, EntryMeta
 from ._fingerprint import digest, fingerprint
 from ._keys import StageParts, compute_key, stage_parts
+from ._store import DiskCacheStore, EntryHead
 
 if TYPE_CHECKING:
     from .._context import PipelineContext, StateRecorder
@@ -37,6 +38,10 @@ _INLINE_READ_BYTES = 1 << 20
 
 #: Worker threads that may wait at once for cross-process key locks (``dedupe``).
 _LOCK_WAITERS = 16
+
+#: A hit records its use only when the entry's last use is older than this (seconds):
+#: re-runs a few seconds apart do not rewrite every entry's access time.
+TOUCH_RESOLUTION_S = 60.0
 
 #: Fingerprint recorded for a state key that was absent when read.
 MISSING_STATE = xxhash.xxh3_128_hexdigest(b"\x00twinklr_pipe:missing-state-key")
@@ -66,7 +71,7 @@ class Hit:
 
     __slots__ = ("digest", "meta", "value")
 
-    def __init__(self, meta: EntryMeta, value: Any, value_digest: bytes) -> None:
+    def __init__(self, meta: EntryMeta | EntryHead, value: Any, value_digest: bytes) -> None:
         self.meta = meta
         self.value = value
         self.digest = value_digest
@@ -118,6 +123,9 @@ class CacheRuntime:
         # store's threads: the lock holders need those to save and release.
         self._lock_waits = anyio.CapacityLimiter(_LOCK_WAITERS)
         self._store_error_logged = False
+        self._hit_candidates: Callable[[str], list[tuple[EntryHead, bytes]] | None] | None = (
+            store._hit_candidates if isinstance(store, DiskCacheStore) else None
+        )
         self.hits = 0
         self.stored = 0
         self.saved_ms = 0.0
@@ -171,12 +179,28 @@ class CacheRuntime:
     def _lookup(
         self, key: str, context: PipelineContext, stage_id: str, inline: bool
     ) -> Hit | None:
+        state = context.state
+        if self._hit_candidates is not None:
+            # The hot path: one statement, payloads included and checksummed. None means
+            # something is unusual about the rows: the full path below deals with it.
+            try:
+                candidates = self._hit_candidates(key)
+            except StoreError as exc:
+                self._store_failed("read", exc)
+                return None
+            if candidates is not None:
+                for head, payload in candidates:
+                    if head.state_reads and not reads_match(head.state_reads, state):
+                        continue
+                    hit = self._verified(head, payload, stage_id)
+                    if hit is not None:
+                        return self._used(hit)
+                return None
         try:
             variants = self.store.variants(key)
         except StoreError as exc:
             self._store_failed("read", exc)
             return None
-        state = context.state
         for meta in variants:
             if meta.state_reads and not reads_match(meta.state_reads, state):
                 continue
@@ -185,14 +209,20 @@ class CacheRuntime:
                 return None  # read it in a thread (lookup_async)
             hit = self._load(meta, stage_id)
             if hit is not None:
-                self._touched[meta.entry_id] = None
-                self.hits += 1
-                self.saved_ms += meta.compute_duration_ms
-                for name, value in meta.metrics.items():
-                    if isinstance(value, int | float) and not isinstance(value, bool):
-                        self.saved_metrics[name] = self.saved_metrics.get(name, 0) + value
-                return hit
+                return self._used(hit)
         return None
+
+    def _used(self, hit: Hit) -> Hit:
+        """Count a hit: what it saved, and its use (recorded at the end of the run)."""
+        meta = hit.meta
+        if time.time() - meta.last_used_at >= TOUCH_RESOLUTION_S:
+            self._touched[meta.entry_id] = None
+        self.hits += 1
+        self.saved_ms += meta.compute_duration_ms
+        for name, value in meta.metrics.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self.saved_metrics[name] = self.saved_metrics.get(name, 0) + value
+        return hit
 
     def _load(self, meta: EntryMeta, stage_id: str) -> Hit | None:
         try:
@@ -202,7 +232,10 @@ class CacheRuntime:
             return None
         if got is None:
             return None
-        meta, payload = got
+        return self._verified(got[0], got[1], stage_id)
+
+    def _verified(self, meta: EntryMeta | EntryHead, payload: bytes, stage_id: str) -> Hit | None:
+        """Decode a payload that passed its checksum; serve it only if it is what was stored."""
         try:
             value = decode(meta.codec, payload, allow_pickle=self.allow_pickle)
         except CodecError as exc:
@@ -249,7 +282,7 @@ class CacheRuntime:
             return None
         return Hit(meta, value, value_digest)
 
-    def _evict(self, meta: EntryMeta) -> None:
+    def _evict(self, meta: EntryMeta | EntryHead) -> None:
         with contextlib.suppress(StoreError):
             self.store.delete(meta.entry_id)
 
