@@ -857,11 +857,7 @@ class _Run:
         self, st: _StageState, outcomes: list[_Outcome | None], started: float
     ) -> None:
         total = len(outcomes)
-        errors = [
-            (i, o.error)
-            for i, o in enumerate(outcomes)
-            if o is not None and not o.success
-        ]
+        errors = [(i, o.error) for i, o in enumerate(outcomes) if o is not None and not o.success]
         unfinished = sum(1 for o in outcomes if o is None)
         hits = sum(1 for o in outcomes if o is not None and o.cache == "hit")
         ran = sum(1 for o in outcomes if o is not None and o.cache != "hit" and o.success)

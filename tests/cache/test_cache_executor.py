@@ -137,9 +137,7 @@ class TestResults:
         assert got is not None
         old = meta.model_copy(update={"created_at": before - 300, "last_used_at": before - 120})
         store.put(old, got[1])
-        third = await run(
-            pipe, "hello", store=store, context=PipelineContext(state={"lang": "en"})
-        )
+        third = await run(pipe, "hello", store=store, context=PipelineContext(state={"lang": "en"}))
         assert log.take() == [] and third.cached == ["think"]
         (again,) = list(store.iter_metadata())
         assert again.created_at == before - 300
