@@ -569,6 +569,33 @@ class TestFileInput:
         assert log.take() == [] and sorted(result.cached) == ["read", "up"]
 
 
+class TestLockedDatabase:
+    async def test_entries_are_stored_while_another_connection_holds_the_lock(
+        self, tmp_path: Path
+    ) -> None:
+        """Writes that cannot happen on the event loop at once wait in a thread: the run
+        goes on, and every entry is stored once the lock is released."""
+        import sqlite3
+        import threading
+
+        log = Log()
+        store = DiskCacheStore(tmp_path / "cache")
+        stages = [StageDefinition("a", Step("a", log))]
+        stages += [StageDefinition(f"s{i}", Step(f"s{i}", log), inputs=["a"]) for i in range(5)]
+        other = sqlite3.connect(
+            store.directory / "store" / "cache.db", isolation_level=None, check_same_thread=False
+        )
+        other.execute("BEGIN IMMEDIATE")
+        threading.Timer(0.3, lambda: other.execute("ROLLBACK")).start()
+        first = await run(stages, 1, store=store)
+        assert first.success and len(log.take()) == 6
+        assert first.metadata["cache"]["stored"] == 6
+        again = await run(stages, 1, store=store)
+        assert log.take() == [] and len(again.cached) == 6
+        other.close()
+        store.close()
+
+
 class TestSafety:
     async def test_corrupted_payload_is_recomputed_with_a_warning(
         self, tmp_path: Path, caplog: pytest.LogCaptureFixture

@@ -718,11 +718,11 @@ class TestDiskWrites:
         real = _store._write_row
         calls: list[str] = []
 
-        def payload_fails(con: Any, key: str, *args: Any) -> None:
+        def payload_fails(con: Any, key: str, *args: Any, **options: Any) -> None:
             calls.append(key)
             if key.startswith("p/"):
                 raise sqlite3.OperationalError("database or disk is full")
-            real(con, key, *args)
+            real(con, key, *args, **options)
 
         monkeypatch.setattr(_store, "_write_row", payload_fails)
         with pytest.raises(StoreError, match="database or disk is full"):
@@ -828,3 +828,78 @@ class TestDiskWrites:
                 assert reader.get(meta.entry_id) is not None
                 assert len(reader.variants(meta.key)) <= 4
         assert warning_text(warnings_) == ""
+
+
+class TestHotPath:
+    """``try_put`` (a write that never waits) and ``_hit_candidates`` (a hit's one read)."""
+
+    def test_try_put_stores_a_small_entry_like_put(self, disk: DiskCacheStore) -> None:
+        meta = meta_for(b"small")
+        assert disk.try_put(meta, b"small") is True
+        got = disk.get(meta.entry_id)
+        assert got is not None and got[1] == b"small" and got[0].metrics == {"tokens": 12}
+        (summary,) = disk.iter_summaries()
+        assert summary.entry_id == meta.entry_id
+
+    def test_try_put_never_waits_for_a_locked_database(self, disk: DiskCacheStore) -> None:
+        """Another connection's write lock: False at once (not after ``timeout``), nothing
+        written, and the store still waits as usual in ``put``."""
+        other = sqlite3.connect(disk.directory / "store" / "cache.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            meta = meta_for(b"small")
+            started = time.monotonic()
+            assert disk.try_put(meta, b"small") is False
+            assert time.monotonic() - started < disk.timeout / 2
+            assert disk.get(meta.entry_id) is None
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert disk._cache is not None
+        busy = _store._connection(disk._cache).execute("PRAGMA busy_timeout").fetchone()[0]
+        assert busy == int(disk.timeout * 1000)  # put waits for a lock again
+        assert disk.try_put(meta, b"small") is True
+        assert disk.get(meta.entry_id) is not None
+
+    def test_try_put_leaves_large_entries_to_put(self, disk: DiskCacheStore) -> None:
+        meta = meta_for(b"x" * BIG)
+        assert disk.try_put(meta, b"x" * BIG) is False
+        assert disk.get(meta.entry_id) is None and value_files(disk) == []
+
+    def test_candidates_agree_with_variants_and_get(self, disk: DiskCacheStore) -> None:
+        put(disk, b"one", variant="a", used=10.0)
+        put(disk, b"two", variant="b", used=20.0)
+        candidates = disk._hit_candidates(KEY)
+        assert candidates is not None
+        full = [(m, disk.get(m.entry_id)) for m in disk.variants(KEY)]
+        assert [(h.entry_id, p) for h, p in candidates] == [
+            (m.entry_id, got[1]) for m, got in full if got is not None
+        ]
+        for (head, _), (meta, _) in zip(candidates, full, strict=True):
+            for field in type(head).model_fields:
+                assert getattr(head, field) == getattr(meta, field), field
+        assert disk._hit_candidates("f" * 32) == []
+
+    @pytest.mark.parametrize(
+        "damage",
+        [
+            "UPDATE Cache SET value = X'7b7d7b' WHERE key LIKE 'm/%'",  # undecodable metadata
+            "DELETE FROM Cache WHERE key LIKE 'p/%'",  # payload row missing
+            "UPDATE Cache SET value = X'00' WHERE key LIKE 'p/%'",  # payload fails checksum
+        ],
+    )
+    def test_anything_unusual_is_left_to_the_full_path(
+        self, disk: DiskCacheStore, damage: str, warnings_: pytest.LogCaptureFixture
+    ) -> None:
+        """None (not a wrong answer, not a silent miss): ``variants``/``get`` evict and warn."""
+        meta = put(disk, b"payload")
+        raw_sql(disk, damage)
+        assert disk._hit_candidates(KEY) is None
+        assert all(disk.get(m.entry_id) is None for m in disk.variants(KEY))
+        assert "Discarded a corrupt cache entry" in warning_text(warnings_)
+        assert disk.get_meta(meta.entry_id) is None
+        assert disk._hit_candidates(KEY) == []
+
+    def test_large_payloads_are_left_to_the_full_path(self, disk: DiskCacheStore) -> None:
+        put(disk, b"x" * BIG)
+        assert disk._hit_candidates(KEY) is None

@@ -343,7 +343,7 @@ def _install_write_kill(put_index: int, phase: str, note: str) -> None:
 
     from twinklr_pipe.cache import _store
 
-    real_put = _store.DiskCacheStore.put
+    real_put = _store.DiskCacheStore._put  # under put() and try_put()
     real_row = _store._write_row
     lock = threading.Lock()
     puts = [0]
@@ -353,28 +353,29 @@ def _install_write_kill(put_index: int, phase: str, note: str) -> None:
         _append_line(note, f"{local.entry} {phase}")
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def put(self: Any, meta: Any, payload: bytes) -> None:
+    def put(self: Any, meta: Any, payload: bytes, **options: Any) -> bool:
         with lock:
             puts[0] += 1
             local.armed = puts[0] == put_index
         local.rows = 0
         local.entry = meta.entry_id
-        real_put(self, meta, payload)
-        if local.armed and phase == "commit":
+        stored: bool = real_put(self, meta, payload, **options)
+        if local.armed and phase == "commit" and stored:
             kill()
+        return stored
 
-    def write_row(*args: Any) -> None:
+    def write_row(*args: Any, **options: Any) -> None:
         local.rows = getattr(local, "rows", 0) + 1
         armed = getattr(local, "armed", False)
         if armed and phase == "files" and local.rows == 1:
             kill()
-        real_row(*args)
+        real_row(*args, **options)
         if armed and phase == "meta" and local.rows == 1:
             kill()
         if armed and phase == "rows" and local.rows == 2:
             kill()
 
-    _store.DiskCacheStore.put = put  # type: ignore[method-assign]
+    _store.DiskCacheStore._put = put  # type: ignore[method-assign]
     _store._write_row = write_row  # type: ignore[assignment]
 
 

@@ -73,9 +73,9 @@ class Fault:
         else:
             real_row = _store._write_row
 
-            def write_row(*args: Any) -> None:
+            def write_row(*args: Any, **options: Any) -> None:
                 self._maybe_fail(make)
-                real_row(*args)
+                real_row(*args, **options)
 
             monkeypatch.setattr(_store, "_write_row", write_row)
 

@@ -126,6 +126,9 @@ class CacheRuntime:
         self._hit_candidates: Callable[[str], list[tuple[EntryHead, bytes]] | None] | None = (
             store._hit_candidates if isinstance(store, DiskCacheStore) else None
         )
+        self._try_put: Callable[[EntryMeta, bytes], bool] | None = (
+            store.try_put if isinstance(store, DiskCacheStore) else None
+        )
         self.hits = 0
         self.stored = 0
         self.saved_ms = 0.0
@@ -363,10 +366,13 @@ class CacheRuntime:
         if entry is None:
             return value_digest, None
         try:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(
-                    self.store.put, entry, payload, limiter=self._limiter
-                )
+            # Small entries are stored right here when the database is free (a write
+            # takes about as long as the round trip to a worker thread would).
+            if self._try_put is None or not self._try_put(entry, payload):
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(
+                        self.store.put, entry, payload, limiter=self._limiter
+                    )
         except StoreError as exc:
             self._store_failed("write", exc)
             return value_digest, None

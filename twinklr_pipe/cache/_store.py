@@ -79,6 +79,9 @@ _STORE_LOCK_NAME: Final = "store.lock"
 _DAMAGED_NAME: Final = "DAMAGED"
 _LOCKS_NAME: Final = "locks"
 
+#: Room left for an entry's metadata JSON when ``try_put`` judges a payload small.
+_META_ROOM: Final = 4096
+
 #: Metadata rows read per query by ``iter_metadata``.
 _PAGE_ROWS: Final = 2000
 
@@ -1326,11 +1329,33 @@ class DiskCacheStore:
             ValueError: the key or variant is empty, or ``payload_checksum`` is wrong.
             StoreError: the store cannot be written (see ``_writing``).
         """
+        self._put(meta, payload, wait=True)
+
+    def try_put(self, meta: EntryMeta, payload: bytes) -> bool:
+        """``put``, but only when that needs no waiting; return whether it stored the entry.
+
+        It stores nothing and returns False when the payload or metadata would go to a
+        value file (file I/O), or when another connection holds the database's write
+        lock (instead of waiting up to ``timeout``): call ``put`` from a worker thread
+        then. The executor calls this on its event loop, which saves a round trip to a
+        thread for every small entry.
+
+        Raises:
+            TypeError, ValueError, StoreError: as ``put``.
+        """
+        limit = self._disk.min_file_size
+        if len(payload) >= limit or len(payload) + _META_ROOM >= limit:
+            return False
+        return self._put(meta, payload, wait=False)
+
+    def _put(self, meta: EntryMeta, payload: bytes, *, wait: bool) -> bool:
         meta = _checked_for_put(meta, payload)
         data = _dump_meta(meta)
         entry = meta.entry_id
         self._prefetched.rows = None
         with self._writing(f"store the entry of {_describe(meta, entry)}") as cache:
+            if not wait and len(data) >= self._disk.min_file_size:
+                return False
             new_files: list[str | None] = []
             old_files: list[str | None] = []
             committed = False
@@ -1339,9 +1364,13 @@ class DiskCacheStore:
                 new_files.append(meta_columns[2])
                 payload_columns = self._disk.store(payload, False)
                 new_files.append(payload_columns[2])
-                with cache.transact():
-                    con = _connection(cache)
+                with self._transaction(cache, wait) as con:
+                    if con is None:
+                        return False  # the write lock is taken: the caller waits in a thread
                     now = time.time()
+                    # First: the key's other variants over the cap go, and whether this
+                    # entry is new is known (then its rows are inserted without a lookup).
+                    new = not self._drop_old_variants(con, meta, old_files)
                     _write_row(
                         con,
                         _META + entry,
@@ -1350,24 +1379,59 @@ class DiskCacheStore:
                         old_files,
                         _summary_tag(meta),
                         meta.last_used_at,
+                        new=new,
                     )
-                    _write_row(con, _PAYLOAD + entry, payload_columns, now, old_files)
-                    self._drop_old_variants(con, meta, old_files)
+                    _write_row(con, _PAYLOAD + entry, payload_columns, now, old_files, new=new)
                 committed = True
             finally:
                 if not committed:
                     self._remove_files(new_files)
             self._remove_files(old_files)
+        return True
+
+    @contextlib.contextmanager
+    def _transaction(
+        self, cache: diskcache.Cache, wait: bool
+    ) -> Iterator[sqlite3.Connection | None]:
+        """diskcache's write transaction on this thread's connection.
+
+        With ``wait`` False, SQLite's busy timeout is 0 while the transaction begins,
+        and a database locked by another connection yields None instead of a connection.
+        """
+        con = _connection(cache)
+        if wait:
+            with cache.transact():
+                yield con
+            return
+        began = contextlib.ExitStack()
+        locked = False
+        con.execute("PRAGMA busy_timeout = 0")
+        try:
+            began.enter_context(cache.transact())
+        except diskcache.Timeout:
+            locked = True
+        finally:
+            con.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+        if locked:
+            yield None
+            return
+        with began:
+            yield con
 
     def _drop_old_variants(
         self, con: sqlite3.Connection, meta: EntryMeta, old_files: list[str | None]
-    ) -> None:
-        """Within ``put``'s transaction: delete the least recently used variants over the cap."""
+    ) -> bool:
+        """Within ``put``'s transaction: delete the least recently used variants over the cap.
+
+        Returns whether the metadata row of ``meta``'s own entry exists.
+        """
         low, high = _META + meta.key + ".", _META + meta.key + "/"
         ranked: list[tuple[tuple[float, float, str], str]] = []
+        exists = False
         for row in con.execute(_RANGE_SQL, (low, high)).fetchall():
             entry = row[0][len(_META) :]
             if entry == meta.entry_id:
+                exists = True
                 continue
             try:
                 other = self._decode_meta(row, entry)
@@ -1381,6 +1445,7 @@ class DiskCacheStore:
             ranked.sort()
             for _, entry in ranked[:excess]:
                 _delete_rows(con, entry, old_files)
+        return exists
 
     def delete(self, entry_id: str) -> bool:
         """Remove an entry; return whether it existed.
@@ -1503,13 +1568,24 @@ def _write_row(
     old_files: list[str | None],
     tag: str | None = None,
     used: float | None = None,
+    *,
+    new: bool = False,
 ) -> None:
     """Insert or replace one row, as ``Cache.set`` does; its old file goes to ``old_files``.
 
     ``tag`` and ``used`` (the access_time, default ``now``) are set for metadata rows.
+    ``new``: the row is most likely absent, so it is inserted without a lookup first
+    (a row that is there after all, a leftover, is then replaced as usual).
     """
     size, mode, filename, value = columns
     access = now if used is None else float(used)
+    if new:
+        try:
+            con.execute(_INSERT_SQL, (key, now, access, tag, size, mode, filename, value))
+        except sqlite3.IntegrityError:
+            pass  # (key, raw) is taken: replace that row below
+        else:
+            return
     found = con.execute(_ROW_SQL, (key,)).fetchone()
     if found is None:
         con.execute(_INSERT_SQL, (key, now, access, tag, size, mode, filename, value))
