@@ -235,7 +235,16 @@ class _Outcome:
     stage's one result with the final metadata, so a hit validates one model, not two.
     """
 
-    __slots__ = ("attempts", "cache", "digest", "entry_id", "result", "saved_ms", "value")
+    __slots__ = (
+        "attempts",
+        "cache",
+        "compute_ms",
+        "digest",
+        "entry_id",
+        "result",
+        "saved_ms",
+        "value",
+    )
 
     def __init__(
         self,
@@ -247,8 +256,11 @@ class _Outcome:
         entry_id: str | None = None,
         saved_ms: float = 0.0,
         value: Any = None,
+        compute_ms: float | None = None,
     ) -> None:
         self.result = result
+        #: How long the body ran (its last attempt), when it ran.
+        self.compute_ms = compute_ms
         self.attempts = attempts
         self.cache = cache
         self.digest = digest
@@ -517,6 +529,7 @@ class _Run:
         )
         meta = {
             **(result.metadata if result is not None else {}),
+            **({"compute_ms": outcome.compute_ms} if outcome.compute_ms is not None else {}),
             "status": status.value,
             "duration_ms": (time.perf_counter() - started) * 1000,
             "attempts": outcome.attempts,
@@ -633,7 +646,7 @@ class _Run:
                         done.output,
                         recorder,
                         item_index=item_index,
-                        duration_ms=done.metadata.get("compute_ms", 0.0),
+                        duration_ms=outcome.compute_ms or 0.0,
                     )
                 except CacheError as exc:
                     # The output cannot be stored (codec) or fingerprinted: the stage fails
@@ -698,11 +711,10 @@ class _Run:
                 wait,
             )
             await anyio.sleep(wait / 1000)
-        if result.metadata.get("compute_ms") is None:
-            result = result.model_copy(
-                update={"metadata": {**result.metadata, "compute_ms": compute_ms}}
-            )
-        return _Outcome(result, attempts=attempt)
+        reported = result.metadata.get("compute_ms")  # a remote runner's own measure
+        return _Outcome(
+            result, attempts=attempt, compute_ms=compute_ms if reported is None else reported
+        )
 
     async def _attempt(
         self, sdef: StageDefinition, value: Any, recorder: StateRecorder | None

@@ -331,17 +331,32 @@ def _completion_logger(path: str) -> Callable[[Any], None]:
     return on_event
 
 
+#: Kill phases in the pending log's path (the others are in ``put``'s transaction).
+PENDING_PHASES = ("append", "flush", "flushed")
+
+
 def _install_write_kill(put_index: int, phase: str, note: str) -> None:
     """SIGKILL this process at one point of its ``put_index``-th cache write.
 
-    Phases: ``files`` (value files written, transaction not begun), ``meta`` (metadata
-    row written inside the transaction), ``rows`` (both rows written, not committed),
+    Small entries go to the store's pending log (``put_pending``), then into the
+    database in batches. Phases there: ``append`` (half of the entry's log record
+    written), ``flush`` (its rows written inside the batch's transaction, not
+    committed), ``flushed`` (the batch committed, the log not yet emptied).
+
+    The other phases turn the pending log off, so entries take ``put``'s transaction:
+    ``files`` (value files written, transaction not begun), ``meta`` (metadata row
+    written inside the transaction), ``rows`` (both rows written, not committed),
     ``commit`` (committed, replaced files not yet removed). The entry id is appended
     to ``note`` first.
     """
+    if phase in PENDING_PHASES:
+        _install_pending_kill(put_index, phase, note)
+        return
     import threading
 
     from twinklr_pipe.cache import _store
+
+    _store.DiskCacheStore.put_pending = lambda self, meta, payload: False  # type: ignore[method-assign]
 
     real_put = _store.DiskCacheStore._put  # under put() and try_put()
     real_row = _store._write_row
@@ -377,6 +392,51 @@ def _install_write_kill(put_index: int, phase: str, note: str) -> None:
 
     _store.DiskCacheStore._put = put  # type: ignore[method-assign]
     _store._write_row = write_row  # type: ignore[assignment]
+
+
+def _install_pending_kill(put_index: int, phase: str, note: str) -> None:
+    """``_install_write_kill`` for the pending log's phases."""
+    import threading
+
+    from twinklr_pipe.cache import _pending, _store
+
+    real_append = _pending.PendingLog.append
+    real_batch = _store.DiskCacheStore._write_batch
+    real_row = _store._write_row
+    lock = threading.Lock()
+    appends = [0]
+    armed: list[str] = []  # the entry id whose write is to be killed
+
+    def kill(entry: str) -> None:
+        _append_line(note, f"{entry} {phase}")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def append(self: Any, record: bytes) -> None:
+        with lock:
+            appends[0] += 1
+            mine = appends[0] == put_index
+        if mine:
+            ((data, _),) = _pending.parse_records(record)
+            meta = json.loads(data)
+            armed.append(f"{meta['key']}.{meta['variant']}")
+            if phase == "append":
+                os.write(self._fd, record[: len(record) // 2])
+                kill(armed[0])
+        real_append(self, record)
+
+    def write_row(*args: Any, **options: Any) -> None:
+        real_row(*args, **options)
+        if phase == "flush" and armed and args[1] == "p/" + armed[0]:
+            kill(armed[0])
+
+    def write_batch(self: Any, items: Any) -> None:
+        real_batch(self, items)
+        if phase == "flushed" and armed and any(m.entry_id == armed[0] for m, _, _ in items):
+            kill(armed[0])
+
+    _pending.PendingLog.append = append  # type: ignore[method-assign]
+    _store._write_row = write_row  # type: ignore[assignment]
+    _store.DiskCacheStore._write_batch = write_batch  # type: ignore[method-assign]
 
 
 def job_crash_run(

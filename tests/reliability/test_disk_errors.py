@@ -143,7 +143,11 @@ class TestFailingWrites:
             assert result.metadata["cache"]["store_errors"] >= 1
             assert len(warnings) == 1, warnings
             assert warnings[0].startswith("Cache write failed (Cannot store the entry of stage")
-            assert "results of this run are returned uncached" in warnings[0]
+            # Small entries reach the pending log; the database refuses them later.
+            assert (
+                "results of this run are returned uncached" in warnings[0]
+                or "waits in the cache's pending log" in warnings[0]
+            )
         assert injector.injected >= 1 + (not intermittent)
         TALLY.add(f"disk: fault {fault}", injector.injected)
         TALLY.add("disk: runs with failing store writes (none failed)")

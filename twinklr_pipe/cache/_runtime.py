@@ -114,7 +114,8 @@ class CacheRuntime:
         self.allow_pickle = allow_pickle
         self.dedupe = dedupe
         self._parts: dict[int, tuple[Any, StageParts]] = {}
-        self._locks: dict[str, anyio.Lock] = {}
+        #: Keys being computed by a task of this run -> None, or an Event its waiters wait on.
+        self._flights: dict[str, anyio.Event | None] = {}
         #: Keys whose inline lookup left a large entry for a worker thread to read.
         self._deferred: set[str] = set()
         self._touched: dict[str, None] = {}
@@ -126,9 +127,14 @@ class CacheRuntime:
         self._hit_candidates: Callable[[str], list[tuple[EntryHead, bytes]] | None] | None = (
             store._hit_candidates if isinstance(store, DiskCacheStore) else None
         )
+        disk = store if isinstance(store, DiskCacheStore) else None
         self._try_put: Callable[[EntryMeta, bytes], bool] | None = (
-            store.try_put if isinstance(store, DiskCacheStore) else None
+            disk.try_put if disk is not None else None
         )
+        self._put_pending: Callable[[EntryMeta, bytes], bool] | None = (
+            disk.put_pending if disk is not None else None
+        )
+        self._pending = False
         self.hits = 0
         self.stored = 0
         self.saved_ms = 0.0
@@ -310,12 +316,17 @@ class CacheRuntime:
         thread, or a cross-process lock was taken. Otherwise that lookup is still current:
         an entry stored by this run is stored before its task releases the key.
         """
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = anyio.Lock()
-        recheck = lock.locked() or key in self._deferred
+        recheck = key in self._deferred
         self._deferred.discard(key)
-        async with lock:
+        flights = self._flights
+        while key in flights:  # another task of this run holds the key: wait for it
+            recheck = True
+            done = flights[key]
+            if done is None:
+                done = flights[key] = anyio.Event()
+            await done.wait()
+        flights[key] = None  # held; a waiter puts an Event here for the holder to set
+        try:
             if not self.dedupe:
                 yield recheck
                 return
@@ -330,6 +341,10 @@ class CacheRuntime:
             finally:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(held.__exit__, None, None, None)
+        finally:
+            done = flights.pop(key)
+            if done is not None:
+                done.set()
 
     # -- save -------------------------------------------------------------------------------
 
@@ -366,9 +381,18 @@ class CacheRuntime:
         if entry is None:
             return value_digest, None
         try:
-            # Small entries are stored right here when the database is free (a write
-            # takes about as long as the round trip to a worker thread would).
-            if self._try_put is None or not self._try_put(entry, payload):
+            # Small entries go to the store's pending log (one write; the store moves them
+            # into the database in batches) or, when it declines, into the database right
+            # here if it is free: a write takes about as long as a round trip to a thread.
+            # With ``dedupe``, another process waiting on the key lock must find the entry
+            # in the database once the lock is released: no pending log.
+            if (
+                self._put_pending is not None
+                and not self.dedupe
+                and self._put_pending(entry, payload)
+            ):
+                self._pending = True
+            elif self._try_put is None or not self._try_put(entry, payload):
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(
                         self.store.put, entry, payload, limiter=self._limiter
@@ -455,21 +479,37 @@ class CacheRuntime:
             state_writes=writes,
         )
 
-    def _store_failed(self, action: str, exc: StoreError) -> None:
+    def _store_failed(
+        self,
+        action: str,
+        exc: StoreError,
+        outcome: str = "results of this run are returned uncached",
+    ) -> None:
         self.store_errors += 1
         if not self._store_error_logged:
             self._store_error_logged = True
             logger.warning(
-                "Cache %s failed (%s); results of this run are returned uncached "
-                "(further store errors in this run are not logged)",
+                "Cache %s failed (%s); %s (further store errors in this run are not logged)",
                 action,
                 exc,
+                outcome,
             )
 
     # -- end of run -------------------------------------------------------------------------
 
     async def finish(self) -> None:
-        """Record which entries this run used (one batched write)."""
+        """Store what waits in the pending log; record which entries this run used."""
+        if self._pending and isinstance(self.store, DiskCacheStore):
+            self._pending = False
+            try:
+                await anyio.to_thread.run_sync(self.store.flush)
+            except StoreError as exc:
+                self._store_failed(
+                    "write",
+                    exc,
+                    "what the database refused waits in the cache's pending log, and is "
+                    "stored when the cache is next opened",
+                )
         if not self._touched:
             return
         ids = list(self._touched)

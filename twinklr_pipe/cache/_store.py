@@ -57,6 +57,7 @@ import xxhash
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from twinklr_pipe.cache._entry import CACHE_FORMAT_VERSION, EntryMeta, EntrySummary
+from twinklr_pipe.cache._pending import PendingLog, claim_orphans, encode_record, parse_records
 from twinklr_pipe.errors import CacheFormatError, StoreError
 
 __all__ = ["DiskCacheStore", "EntryHead", "MemoryStore"]
@@ -78,6 +79,13 @@ _STORE_NAME: Final = "store"
 _STORE_LOCK_NAME: Final = "store.lock"
 _DAMAGED_NAME: Final = "DAMAGED"
 _LOCKS_NAME: Final = "locks"
+
+#: ``put_pending``: entries held in memory at most (beyond, it declines), and the count
+#: at which the background thread is woken at once rather than after ``_FLUSH_EVERY``.
+_PENDING_MAX: Final = 4096
+_FLUSH_AT: Final = 256
+#: Seconds between two batches of the background thread.
+_FLUSH_EVERY: Final = 0.05
 
 #: Room left for an entry's metadata JSON when ``try_put`` judges a payload small.
 _META_ROOM: Final = 4096
@@ -660,9 +668,21 @@ class DiskCacheStore:
         self._pid = os.getpid()
         # Per thread: what the last ``variants`` call read, for the ``get`` that follows.
         self._prefetched = threading.local()
+        # Entries appended by ``put_pending`` and not yet in the database: entry id ->
+        # (metadata, its JSON, payload); key -> entry ids. Guarded by ``_pending_lock``.
+        self._pending: dict[str, tuple[EntryMeta, bytes, bytes]] = {}
+        self._pending_keys: dict[str, set[str]] = {}
+        self._pending_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._log: PendingLog | None = None
+        self._log_off = False
+        self._flusher: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stopping = False
         try:
             self.format_version = self._prepare_directory()
             self._open()
+            self._ingest_orphans()
         except (StoreError, CacheFormatError):
             self._release_store_lock()
             raise
@@ -952,6 +972,9 @@ class DiskCacheStore:
         ``variants`` in the same thread (within a second, no write in between), a small
         entry is served from what ``variants`` read: the entry as it was then.
         """
+        waiting = self._pending_entry(entry_id)
+        if waiting is not None:
+            return waiting[0], waiting[2]
         cache = self._reader()
         if cache is None:
             return None
@@ -1009,6 +1032,9 @@ class DiskCacheStore:
 
         The payload's presence is checked, not its checksum (``get`` does that).
         """
+        waiting = self._pending_entry(entry_id)
+        if waiting is not None:
+            return waiting[0]
         cache = self._reader()
         if cache is None:
             return None
@@ -1083,6 +1109,12 @@ class DiskCacheStore:
             if payload_row[1] != _MODE_RAW or payload_row[3] is not None:
                 prefetched[entry] = (meta, payload_row)
         self._prefetched.rows = (time.monotonic(), prefetched) if prefetched else None
+        if self._pending:
+            with self._pending_lock:
+                waiting = [self._pending[e][0] for e in self._pending_keys.get(key, ())]
+            if waiting:
+                ids = {m.entry_id for m in waiting}
+                metas = [m for m in metas if m.entry_id not in ids] + waiting
         if len(metas) > 1:
             metas.sort(key=_recency, reverse=True)
         return metas
@@ -1097,6 +1129,8 @@ class DiskCacheStore:
         a payload is missing, stored in a file, larger than 8 KiB or fails its checksum,
         or SQLite fails. ``[]``: no entry, or the database is damaged (a miss).
         """
+        if key in self._pending_keys:
+            return None  # entries waiting in memory: ``variants`` merges them
         cache = self._reader()
         if cache is None:
             return []
@@ -1152,6 +1186,7 @@ class DiskCacheStore:
         Raises:
             StoreError: the database is damaged or closed, or SQLite fails.
         """
+        self._settle()
         action = "list the cache entries"
         cache = self._scanner(action)
         after = 0
@@ -1209,6 +1244,7 @@ class DiskCacheStore:
         """
         # A list's iterator: consuming it costs nothing per entry (a generator would
         # resume 100,000 times). The list is what one query read: a snapshot.
+        self._settle()
         return iter(self._summaries())
 
     def _summaries(self) -> list[EntrySummary]:
@@ -1263,6 +1299,7 @@ class DiskCacheStore:
         Raises:
             StoreError: the database is damaged or closed, or SQLite fails.
         """
+        self._settle()
         action = "measure the cache"
         cache = self._scanner(action)
         try:
@@ -1418,6 +1455,222 @@ class DiskCacheStore:
         with began:
             yield con
 
+    # -- pending entries (see ``_pending``) ----------------------------------------
+
+    def put_pending(self, meta: EntryMeta, payload: bytes) -> bool:
+        """Store a small entry without waiting for the database; return whether it did.
+
+        The entry is appended to this store's pending log with one ``write`` (from then
+        on it survives a crash of the process) and served from memory by this store at
+        once; a background thread moves it into the database within ``_FLUSH_EVERY``
+        seconds (``flush`` does it now). Other processes see it from then on. It
+        declines (False, nothing stored) for a payload or metadata that would go to a
+        value file, in a forked child, while ``_PENDING_MAX`` entries wait, and after
+        the log failed; use ``try_put`` or ``put`` then.
+
+        Raises:
+            TypeError, ValueError: as ``put``.
+            StoreError: the log cannot be created or written (disk full...).
+        """
+        limit = self._disk.min_file_size
+        if (
+            self._log_off
+            or self._live is None
+            or os.getpid() != self._pid
+            or len(payload) + _META_ROOM >= limit
+        ):
+            return False
+        meta = _checked_for_put(meta, payload)
+        data = _dump_meta(meta)
+        if len(data) + len(payload) >= limit:
+            return False
+        entry = meta.entry_id
+        record = encode_record(data, payload)
+        with self._pending_lock:
+            if len(self._pending) >= _PENDING_MAX or self._stopping:
+                return False
+            try:
+                log = self._log
+                if log is None:
+                    log = self._log = PendingLog(self.directory)
+                log.append(record)
+            except OSError as exc:
+                if self._log is not None and self._log.broken:
+                    self._log_off = True
+                raise StoreError(
+                    f"Cannot store the entry of {_describe(meta, entry)} in cache directory "
+                    f"{self.directory}: {exc}"
+                ) from exc
+            self._pending[entry] = (meta, data, payload)
+            self._pending_keys.setdefault(meta.key, set()).add(entry)
+            waiting = len(self._pending)
+            if self._flusher is None:
+                self._flusher = threading.Thread(
+                    target=self._flush_loop, name="twinklr-pipe-cache-flush", daemon=True
+                )
+                self._flusher.start()
+        if waiting >= _FLUSH_AT:
+            self._wake.set()
+        return True
+
+    def flush(self) -> None:
+        """Move the entries waiting in the pending log into the database (one transaction).
+
+        Raises:
+            StoreError: the database cannot be written; the entries keep waiting (in
+                memory and in the log, which the next store to open the directory reads
+                if this process ends first).
+        """
+        with self._flush_lock:
+            with self._pending_lock:
+                batch = list(self._pending.items())
+            if not batch:
+                return
+            failure: StoreError | None = None
+            try:
+                self._write_batch([item for _, item in batch])
+            except StoreError:
+                # One entry at a time, so that one the database refuses does not hold
+                # back the others; what fails keeps waiting.
+                stored = []
+                for entry, item in batch:
+                    try:
+                        self._write_batch([item])
+                    except StoreError as exc:
+                        failure = failure or exc
+                    else:
+                        stored.append((entry, item))
+                batch = stored
+            with self._pending_lock:
+                for entry, item in batch:
+                    if self._pending.get(entry) is item:
+                        del self._pending[entry]
+                        entries = self._pending_keys[item[0].key]
+                        entries.discard(entry)
+                        if not entries:
+                            del self._pending_keys[item[0].key]
+                if not self._pending and self._log is not None:
+                    try:
+                        self._log.clear()
+                    except OSError:
+                        self._log_off = True  # its records are stored: reading them is harmless
+            if failure is not None:
+                raise failure
+
+    def _write_batch(self, items: Sequence[tuple[EntryMeta, bytes, bytes]]) -> None:
+        """Write entries (metadata, its JSON, payload: all small) in one transaction."""
+        what = (
+            f"store the entry of {_describe(items[0][0], items[0][0].entry_id)}"
+            if len(items) == 1
+            else f"store {len(items)} cache entries"
+        )
+        with self._writing(what) as cache:
+            old_files: list[str | None] = []
+            with cache.transact():
+                con = _connection(cache)
+                now = time.time()
+                for meta, data, payload in items:
+                    entry = meta.entry_id
+                    new = not self._drop_old_variants(con, meta, old_files)
+                    _write_row(
+                        con,
+                        _META + entry,
+                        self._disk.store(data, False),
+                        now,
+                        old_files,
+                        _summary_tag(meta),
+                        meta.last_used_at,
+                        new=new,
+                    )
+                    _write_row(
+                        con, _PAYLOAD + entry, self._disk.store(payload, False), now, old_files
+                    )
+            self._remove_files(old_files)
+
+    def _flush_loop(self) -> None:
+        """The background thread: a batch every ``_FLUSH_EVERY`` seconds, or when woken.
+
+        It ends once nothing waits (``put_pending`` starts another), closing and deleting
+        the empty log: an idle store holds no thread and no file.
+        """
+        while not self._stopping:
+            self._wake.wait(_FLUSH_EVERY)
+            self._wake.clear()
+            if self._stopping:
+                return
+            with self._pending_lock:
+                if not self._pending:
+                    self._flusher = None
+                    log, self._log = self._log, None
+                    if log is not None:
+                        log.close(remove=log.empty)
+                    return
+            try:
+                self.flush()
+            except StoreError as exc:
+                # They keep waiting; ``flush`` at the end of the run reports the failure.
+                _log.debug("Cannot move pending cache entries into the database: %s", exc)
+                self._wake.wait(_FLUSH_EVERY * 10)
+            except Exception:  # never die silently with entries waiting
+                _log.exception("Moving pending cache entries into the database failed")
+                self._wake.wait(_FLUSH_EVERY * 10)
+
+    def _settle(self) -> None:
+        """Before reading or changing the whole store: move pending entries in first."""
+        if not self._pending:
+            return
+        try:
+            self.flush()
+        except StoreError as exc:
+            # Reported by ``flush`` at the end of the run; they wait for the next open.
+            _log.debug("Cannot move pending cache entries into the database: %s", exc)
+
+    def _pending_entry(self, entry_id: str) -> tuple[EntryMeta, bytes, bytes] | None:
+        if not self._pending:
+            return None
+        with self._pending_lock:
+            return self._pending.get(entry_id)
+
+    def _close_pending(self) -> None:
+        """Stop the background thread, store what waits, and close (or leave) the log."""
+        with self._pending_lock:
+            self._stopping = True  # put_pending declines from now on
+            flusher, self._flusher = self._flusher, None
+        if flusher is not None and flusher is not threading.current_thread():
+            self._wake.set()
+            flusher.join()
+        if os.getpid() != self._pid:
+            return  # a forked child: the log is its parent's
+        self._settle()
+        log, self._log = self._log, None
+        if log is not None:
+            # Entries the database refused stay in the log for the next open.
+            log.close(remove=not self._pending and log.empty)
+
+    def _ingest_orphans(self) -> None:
+        """Move the entries of logs left by stores that are gone into the database."""
+        if self._live is None:
+            return  # a damaged database: the logs wait for the rebuilt one
+        for path, raw in claim_orphans(self.directory):
+            items: list[tuple[EntryMeta, bytes, bytes]] = []
+            for data, payload in parse_records(raw):
+                try:
+                    meta = EntryMeta.model_validate_json(data)
+                    if not meta.key or meta.payload_checksum != xxhash.xxh3_128_hexdigest(payload):
+                        continue
+                except ValidationError:
+                    continue
+                items.append((meta, data, payload))
+            try:
+                if items:
+                    self._write_batch(items)
+            except StoreError as exc:
+                # A run on this store reports failing writes (once); the log waits.
+                _log.debug("Cannot move the pending cache entries of %s in: %s", path, exc)
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
     def _drop_old_variants(
         self, con: sqlite3.Connection, meta: EntryMeta, old_files: list[str | None]
     ) -> bool:
@@ -1453,13 +1706,29 @@ class DiskCacheStore:
         Raises:
             StoreError: the store cannot be written.
         """
+        self._settle()
+        forgotten = self._forget_pending(entry_id)
         old_files: list[str | None] = []
         self._prefetched.rows = None
         with self._writing(f"delete the entry of key {entry_id[:8]}") as cache:
             with cache.transact():
                 existed = _delete_rows(_connection(cache), entry_id, old_files)
             self._remove_files(old_files)
-        return existed
+        return existed or forgotten
+
+    def _forget_pending(self, entry_id: str) -> bool:
+        """Drop a pending entry that ``flush`` could not store (deleting it)."""
+        if not self._pending:
+            return False
+        with self._pending_lock:
+            item = self._pending.pop(entry_id, None)
+            if item is None:
+                return False
+            entries = self._pending_keys[item[0].key]
+            entries.discard(entry_id)
+            if not entries:
+                del self._pending_keys[item[0].key]
+            return True
 
     def touch(self, entry_ids: Iterable[str], when: float) -> None:
         """Record a use of the given entries at ``when``, in one transaction.
@@ -1475,6 +1744,7 @@ class DiskCacheStore:
         params = [(when, _META + entry) for entry in sorted(set(entry_ids))]
         if not params:
             return
+        self._settle()
         with self._writing(f"record the use of {len(params)} cache entries") as cache:
             with cache.transact():
                 _connection(cache).executemany(_TOUCH_SQL, params)
@@ -1526,6 +1796,7 @@ class DiskCacheStore:
         """
         if self._closed:
             return
+        self._close_pending()
         self._closed = True
         cache, self._cache, self._live = self._cache, None, None
         if cache is not None:
