@@ -43,6 +43,7 @@ from ._results import (
     PipelineResult,
     StageResult,
     StageStatus,
+    _AnyResult,
     cancelled_result,
     failure_result,
     skipped_result,
@@ -355,6 +356,8 @@ class _Run:
             if context.is_cancelled():
                 self.cancel_reason = "pipeline cancelled"
             else:
+                if self.cache is not None:
+                    await self.cache.start()
                 async with self._runner_session(), anyio.create_task_group() as tg:
                     self.tg = tg
                     tg.start_soon(self._watch_cancel)
@@ -541,12 +544,11 @@ class _Run:
             meta["saved_ms"] = outcome.saved_ms
         if st.id in self.pool_wait:
             meta["pool_wait_ms"] = self.pool_wait[st.id]
-        if result is None:  # a hit: its one result, built here
-            self._finish(
-                st,
-                success_result(outcome.value, stage_name=_name(sdef), metadata=meta),
-                outcome.value,
+        if result is None:  # a hit: its one result, built here from valid parts
+            hit = _AnyResult.model_construct(
+                success=True, stage_name=_name(sdef), output=outcome.value, metadata=meta
             )
+            self._finish(st, hit, outcome.value)
             return
         self._finish(st, result.model_copy(update={"metadata": meta}), result.output)
 

@@ -569,6 +569,30 @@ class TestFileInput:
         assert log.take() == [] and sorted(result.cached) == ["read", "up"]
 
 
+class TestWarmUp:
+    async def test_a_rerun_reads_the_entries_of_the_last_run_and_nothing_stale(
+        self, tmp_path: Path
+    ) -> None:
+        """The second run serves every stage from what the first run used; an entry deleted
+        since is recomputed (what the last run used is a hint, never a copy)."""
+        log = Log()
+        store = DiskCacheStore(tmp_path / "cache")
+        stages = [StageDefinition("a", Step("a", log))]
+        stages += [StageDefinition(f"s{i}", Step(f"s{i}", log), inputs=["a"]) for i in range(4)]
+        first = await run(stages, 1, store=store)
+        assert len(log.take()) == 5
+        assert len(store.warm_up("t")) == 5
+        second = await run(stages, 1, store=store)
+        assert log.take() == [] and len(second.cached) == 5
+
+        gone = second.stage_results["s2"].metadata["key"]
+        (entry,) = [m for m in store.iter_metadata() if m.key == gone]
+        assert store.delete(entry.entry_id)
+        third = await run(stages, 1, store=store)
+        assert log.take() == ["s2"] and third.outputs == first.outputs
+        store.close()
+
+
 class TestLockedDatabase:
     async def test_entries_are_stored_while_another_connection_holds_the_lock(
         self, tmp_path: Path

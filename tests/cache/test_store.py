@@ -903,3 +903,42 @@ class TestHotPath:
     def test_large_payloads_are_left_to_the_full_path(self, disk: DiskCacheStore) -> None:
         put(disk, b"x" * BIG)
         assert disk._hit_candidates(KEY) is None
+
+
+class TestWarmUp:
+    """``remember_run``/``warm_up``: the entries a pipeline's last run used, read at once."""
+
+    def test_warm_up_reads_what_the_last_run_used(self, disk: DiskCacheStore) -> None:
+        a = put(disk, b"one", variant="a")
+        b = put(disk, b"two", key="b" * 32)
+        put(disk, b"unused", key="c" * 32)
+        assert disk.warm_up("p") == {}  # no record yet
+        disk.remember_run("p", [a.entry_id, b.entry_id, "f" * 32 + ".0"])  # one is gone
+        warm = disk.warm_up("p")
+        assert sorted(warm) == sorted([KEY, "b" * 32])
+        for key, found in warm.items():
+            assert [(h.entry_id, p) for h, p in found] == [
+                (h.entry_id, p) for h, p in disk._hit_candidates(key) or []
+            ]
+        assert disk.warm_up("another pipeline") == {}
+        # The record is not an entry: listing, sizes and summaries ignore it.
+        assert len(list(disk.iter_metadata())) == len(list(disk.iter_summaries())) == 3
+        assert disk.size() == len(b"one") + len(b"two") + len(b"unused")
+
+    def test_entries_changed_since_are_left_out(self, disk: DiskCacheStore) -> None:
+        a = put(disk, b"one")
+        b = put(disk, b"two", key="b" * 32)
+        big = put(disk, b"x" * BIG, key="d" * 32)
+        disk.remember_run("p", [a.entry_id, b.entry_id, big.entry_id])
+        raw_sql(disk, "UPDATE Cache SET value = X'00' WHERE key = ?", ("p/" + b.entry_id,))
+        assert sorted(disk.warm_up("p")) == [KEY]  # b fails its checksum; big is a file
+
+    def test_damaged_metadata_turns_it_off(self, disk: DiskCacheStore) -> None:
+        a = put(disk, b"one")
+        disk.remember_run("p", [a.entry_id])
+        raw_sql(disk, "UPDATE Cache SET value = X'7b7d7b' WHERE key = ?", ("m/" + a.entry_id,))
+        assert disk.warm_up("p") == {}
+        raw_sql(disk, "UPDATE Cache SET value = X'5b5d' WHERE key LIKE 'w/%'")  # an empty list
+        assert disk.warm_up("p") == {}
+        raw_sql(disk, "UPDATE Cache SET value = X'7b' WHERE key LIKE 'w/%'")  # not JSON
+        assert disk.warm_up("p") == {}

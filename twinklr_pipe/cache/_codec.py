@@ -831,6 +831,10 @@ def encode(value: Any, *, allow_pickle: bool = False) -> tuple[str, bytes]:
         raise CodecError(f"cannot pickle output of type {_name(value)}: {exc}") from exc
 
 
+#: ``json.loads`` of a str without its per-call argument handling (a hit's hot path).
+_decode_plain = json.JSONDecoder().decode
+
+
 def decode(codec_id: str, payload: bytes, *, allow_pickle: bool = False) -> Any:
     """Decode a stored output.
 
@@ -852,7 +856,7 @@ def decode(codec_id: str, payload: bytes, *, allow_pickle: bool = False) -> Any:
         if codec_id == JSON:
             if _TAG_MARK in payload:
                 return json.loads(payload, object_hook=_hook)
-            return json.loads(payload)
+            return _decode_plain(payload.decode())
         if codec_id == BYTES:
             return bytes(payload)
         if codec_id == NUMPY:

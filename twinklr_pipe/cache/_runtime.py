@@ -135,6 +135,11 @@ class CacheRuntime:
             disk.put_pending if disk is not None else None
         )
         self._pending = False
+        #: ``warm_up``'s entries by key (consumed by lookups), and the ids it held.
+        self._warm: dict[str, list[tuple[EntryHead, bytes]]] = {}
+        self._warm_ids: list[str] = []
+        #: Entry ids this run served or stored, in order (``remember_run``).
+        self._used_ids: list[str] = []
         self.hits = 0
         self.stored = 0
         self.saved_ms = 0.0
@@ -189,6 +194,14 @@ class CacheRuntime:
         self, key: str, context: PipelineContext, stage_id: str, inline: bool
     ) -> Hit | None:
         state = context.state
+        refused: set[str] = set()  # entries judged unusable: not judged (nor warned) twice
+        warm = self._warm.pop(key, None) if self._warm else None
+        if warm is not None:
+            # Read at the start of the run (the entries the last run used); nothing usable
+            # among them: ask the database below.
+            hit = self._first_usable(warm, state, stage_id, refused)
+            if hit is not None:
+                return hit
         if self._hit_candidates is not None:
             # The hot path: one statement, payloads included and checksummed. None means
             # something is unusual about the rows: the full path below deals with it.
@@ -198,19 +211,15 @@ class CacheRuntime:
                 self._store_failed("read", exc)
                 return None
             if candidates is not None:
-                for head, payload in candidates:
-                    if head.state_reads and not reads_match(head.state_reads, state):
-                        continue
-                    hit = self._verified(head, payload, stage_id)
-                    if hit is not None:
-                        return self._used(hit)
-                return None
+                return self._first_usable(candidates, state, stage_id, refused)
         try:
             variants = self.store.variants(key)
         except StoreError as exc:
             self._store_failed("read", exc)
             return None
         for meta in variants:
+            if meta.entry_id in refused:
+                continue
             if meta.state_reads and not reads_match(meta.state_reads, state):
                 continue
             if inline and meta.size_bytes > _INLINE_READ_BYTES:
@@ -221,9 +230,28 @@ class CacheRuntime:
                 return self._used(hit)
         return None
 
+    def _first_usable(
+        self,
+        candidates: list[tuple[EntryHead, bytes]],
+        state: dict[str, Any],
+        stage_id: str,
+        refused: set[str],
+    ) -> Hit | None:
+        for head, payload in candidates:
+            if head.entry_id in refused:
+                continue
+            if head.state_reads and not reads_match(head.state_reads, state):
+                continue
+            hit = self._verified(head, payload, stage_id)
+            if hit is not None:
+                return self._used(hit)
+            refused.add(head.entry_id)
+        return None
+
     def _used(self, hit: Hit) -> Hit:
         """Count a hit: what it saved, and its use (recorded at the end of the run)."""
         meta = hit.meta
+        self._used_ids.append(meta.entry_id)
         if time.time() - meta.last_used_at >= TOUCH_RESOLUTION_S:
             self._touched[meta.entry_id] = None
         self.hits += 1
@@ -401,6 +429,7 @@ class CacheRuntime:
             self._store_failed("write", exc)
             return value_digest, None
         self.stored += 1
+        self._used_ids.append(entry.entry_id)
         return value_digest, entry.entry_id
 
     def _entry_meta(
@@ -497,12 +526,29 @@ class CacheRuntime:
 
     # -- end of run -------------------------------------------------------------------------
 
+    async def start(self) -> None:
+        """Read what the last run of this pipeline used (``DiskCacheStore.warm_up``)."""
+        if isinstance(self.store, DiskCacheStore):
+            self._warm = await anyio.to_thread.run_sync(self.store.warm_up, self.pipeline)
+            self._warm_ids = [h.entry_id for found in self._warm.values() for h, _ in found]
+
     async def finish(self) -> None:
-        """Store what waits in the pending log; record which entries this run used."""
-        if self._pending and isinstance(self.store, DiskCacheStore):
-            self._pending = False
+        """Store what waits in the pending log, record which entries this run used."""
+        self._warm = {}
+        pending, self._pending = self._pending, False
+        touched = list(self._touched)
+        self._touched.clear()
+        used = self._used_ids
+        remember = used if set(used) != set(self._warm_ids) else []
+        if pending or touched or remember:
+            await anyio.to_thread.run_sync(self._finish, pending, touched, remember)
+
+    def _finish(self, pending: bool, touched: list[str], remember: list[str]) -> None:
+        """``finish``'s writes, in one worker thread."""
+        store = self.store
+        if pending and isinstance(store, DiskCacheStore):
             try:
-                await anyio.to_thread.run_sync(self.store.flush)
+                store.flush()
             except StoreError as exc:
                 self._store_failed(
                     "write",
@@ -510,12 +556,11 @@ class CacheRuntime:
                     "what the database refused waits in the cache's pending log, and is "
                     "stored when the cache is next opened",
                 )
-        if not self._touched:
-            return
-        ids = list(self._touched)
-        self._touched.clear()
         try:
-            await anyio.to_thread.run_sync(self.store.touch, ids, time.time())
+            if touched:
+                store.touch(touched, time.time())
+            if remember and isinstance(store, DiskCacheStore):
+                store.remember_run(self.pipeline, remember)
         except StoreError as exc:
             self._store_failed("write", exc)
 

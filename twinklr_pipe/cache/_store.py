@@ -54,7 +54,7 @@ from typing import Any, Final
 
 import diskcache
 import xxhash
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from twinklr_pipe.cache._entry import CACHE_FORMAT_VERSION, EntryMeta, EntrySummary
 from twinklr_pipe.cache._pending import PendingLog, claim_orphans, encode_record, parse_records
@@ -69,6 +69,11 @@ MAX_VARIANTS: Final = 4
 
 _META: Final = "m/"
 _PAYLOAD: Final = "p/"
+#: ``w/<xxh3 of a pipeline name>``: the entry ids its last run used (``remember_run``).
+_WARM: Final = "w/"
+#: Entry ids a warm set holds at most, and payload bytes ``warm_up`` keeps in memory.
+_WARM_MAX: Final = 20_000
+_WARM_BYTES: Final = 32 << 20
 #: Upper bounds of the two key ranges: "0" is the character after "/".
 _META_END: Final = "m0"
 _PAYLOAD_END: Final = "p0"
@@ -147,6 +152,18 @@ _VARIANTS_SQL: Final = (
     " UNION ALL SELECT key, mode, filename,"
     f" CASE WHEN mode = {_MODE_RAW} AND length(value) <= {_PREFETCH_BYTES} THEN value END,"
     " access_time FROM Cache WHERE key >= ?3 AND key < ?4 AND raw = 1"
+)
+# The metadata rows and small inline payload rows of a JSON array of entry ids: one
+# index lookup per id and row kind.
+_WARM_SQL: Final = (
+    "SELECT c.key, c.value, c.access_time FROM json_each(?1) AS j"
+    f" JOIN Cache AS c ON c.key = '{_META}' || j.value AND c.raw = 1"
+    f" WHERE c.mode = {_MODE_RAW}"
+    " UNION ALL"
+    " SELECT c.key, CASE WHEN length(c.value) <= "
+    f"{_PREFETCH_BYTES} THEN c.value END, NULL FROM json_each(?1) AS j"
+    f" JOIN Cache AS c ON c.key = '{_PAYLOAD}' || j.value AND c.raw = 1"
+    f" WHERE c.mode = {_MODE_RAW}"
 )
 # Pages by rowid: a sequential scan of the table, ~2x faster than walking the key index
 # and fetching each row from it ("+key" keeps SQLite off the index).
@@ -242,6 +259,9 @@ class EntryHead(BaseModel):
     @property
     def entry_id(self) -> str:
         return f"{self.key}.{self.variant}"
+
+
+_HEADS: Final = TypeAdapter(list[EntryHead])
 
 
 class _CorruptRow(Exception):
@@ -1454,6 +1474,79 @@ class DiskCacheStore:
             return
         with began:
             yield con
+
+    # -- warm-up: what a pipeline's last run used, read in one statement ---------------
+
+    def remember_run(self, pipeline: str, entry_ids: Sequence[str]) -> None:
+        """Record the entries a run of ``pipeline`` used, for the next run's ``warm_up``.
+
+        One row (``w/<hash of the name>``, never listed as an entry) holding the last
+        ``_WARM_MAX`` ids; it is only a hint: ``warm_up`` reads the entries themselves.
+
+        Raises:
+            StoreError: the store cannot be written.
+        """
+        ids = list(dict.fromkeys(entry_ids))[-_WARM_MAX:]
+        data = json.dumps(ids, separators=(",", ":")).encode()
+        key = _WARM + xxhash.xxh3_128_hexdigest(pipeline.encode())
+        with self._writing(f"record the entries of a run of '{pipeline}'") as cache:
+            old_files: list[str | None] = []
+            with cache.transact():
+                con = _connection(cache)
+                # Inline whatever its size (one read at the next run's start).
+                _write_row(con, key, (0, _MODE_RAW, None, data), time.time(), old_files)
+            self._remove_files(old_files)
+
+    def warm_up(self, pipeline: str) -> dict[str, list[tuple[EntryHead, bytes]]]:
+        """The entries the last run of ``pipeline`` used, by key, read in one statement.
+
+        What ``_hit_candidates`` answers for each of those keys (only entries whose rows
+        are ordinary, with small payloads that pass their checksum), without one query
+        per key. Every other variant of the keys is left out: a lookup that finds no
+        usable one here asks the database. Empty when there is no record, or on any error.
+        """
+        cache = self._reader()
+        if cache is None:
+            return {}
+        key = _WARM + xxhash.xxh3_128_hexdigest(pipeline.encode())
+        try:
+            con = _connection(cache)
+            row = con.execute(_META_ROW_SQL, (key,)).fetchone()
+            if row is None or row[1] != _MODE_RAW or type(row[3]) is not bytes:
+                return {}
+            ids = row[3].decode()
+            rows = con.execute(_WARM_SQL, (ids,)).fetchall()
+        except (sqlite3.Error, UnicodeDecodeError):
+            return {}
+        payloads: dict[str, bytes] = {}
+        kept = 0
+        metas: list[tuple[str, bytes, Any]] = []
+        for name, value, used in rows:
+            if type(value) is not bytes:
+                continue
+            if name[0] == "p":
+                kept += len(value)
+                if kept <= _WARM_BYTES:
+                    payloads[name[2:]] = value
+            else:
+                metas.append((name[2:], value, used))
+        try:
+            heads = _HEADS.validate_json(b"[" + b",".join(m[1] for m in metas) + b"]")
+        except ValidationError:
+            return {}  # damage somewhere: lookups take the usual path, which deals with it
+        warm: dict[str, list[tuple[EntryHead, bytes]]] = {}
+        for (entry, _, used), head in zip(metas, heads, strict=True):
+            payload = payloads.get(entry)
+            if (
+                payload is None
+                or f"{head.key}.{head.variant}" != entry
+                or xxhash.xxh3_128_hexdigest(payload) != head.payload_checksum
+            ):
+                continue
+            if type(used) is float and used > head.last_used_at:
+                head.__dict__["last_used_at"] = used  # freshly decoded, not yet shared
+            warm.setdefault(head.key, []).append((head, payload))
+        return warm
 
     # -- pending entries (see ``_pending``) ----------------------------------------
 
