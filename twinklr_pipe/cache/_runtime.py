@@ -481,7 +481,8 @@ class CacheRuntime:
             for k, v in recorder.metrics.items()
             if isinstance(v, int | float | str | bool) or v is None
         }
-        return EntryMeta(
+        # Every field is built here with its declared type: no validation pass needed.
+        return EntryMeta.model_construct(
             key=info.key,
             variant=fingerprint(reads) if reads else "0",
             pipeline=self.pipeline,
@@ -501,7 +502,7 @@ class CacheRuntime:
             size_bytes=len(payload),
             created_at=now,
             last_used_at=now,
-            compute_duration_ms=duration_ms,
+            compute_duration_ms=float(duration_ms),
             metrics=metrics,
             run_id=self.run_id,
             state_reads=reads,
