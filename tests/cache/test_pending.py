@@ -155,6 +155,33 @@ class TestPutPending:
         assert len(_pending.parse_records(log.read_bytes())) == 2
 
 
+class TestBatches:
+    def test_a_batch_keeps_the_variant_cap_and_replaces_entries(self, disk: DiskCacheStore) -> None:
+        """New keys take the batch insert; keys with rows, or twice in the batch, take
+        ``put``'s way: at most four variants per key, and an entry id stored again is
+        replaced."""
+        for i in range(4):
+            disk.put(meta_for(b"v%d" % i, variant=f"v{i}"), b"v%d" % i)
+        replaced = meta_for(b"new", key="a" * 32)
+        disk.put(meta_for(b"old", key="a" * 32), b"old")
+        disk.put_pending(meta_for(b"v4", variant="v4"), b"v4")  # a fifth variant
+        disk.put_pending(replaced, b"new")
+        disk.put_pending(meta_for(b"b1", key="b" * 32, variant="1"), b"b1")
+        disk.put_pending(meta_for(b"b2", key="b" * 32, variant="2"), b"b2")  # twice
+        disk.put_pending(meta_for(b"c", key="c" * 32), b"c")  # a fresh key
+        disk.flush()
+        with DiskCacheStore(disk.directory) as other:
+            assert len(other.variants(KEY)) == 4
+            assert "v4" in {m.variant for m in other.variants(KEY)}
+            got = other.get(replaced.entry_id)
+            assert got is not None and got[1] == b"new"
+            assert {m.variant for m in other.variants("b" * 32)} == {"1", "2"}
+            assert other.get(meta_for(b"c", key="c" * 32).entry_id) is not None
+            summaries = {s.entry_id: s for s in other.iter_summaries()}
+            assert summaries[replaced.entry_id].size_bytes == 3
+            assert len(summaries) == 4 + 1 + 2 + 1
+
+
 class TestRecords:
     def test_round_trip_and_torn_tails(self) -> None:
         records = [(b'{"a":1}', b"payload"), (b"{}", b""), (b'{"b":2}', bytes(range(256)))]

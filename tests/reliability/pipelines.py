@@ -403,6 +403,7 @@ def _install_pending_kill(put_index: int, phase: str, note: str) -> None:
     real_append = _pending.PendingLog.append
     real_batch = _store.DiskCacheStore._write_batch
     real_row = _store._write_row
+    real_insert = _store._insert_rows
     lock = threading.Lock()
     appends = [0]
     armed: list[str] = []  # the entry id whose write is to be killed
@@ -429,6 +430,11 @@ def _install_pending_kill(put_index: int, phase: str, note: str) -> None:
         if phase == "flush" and armed and args[1] == "p/" + armed[0]:
             kill(armed[0])
 
+    def insert_rows(con: Any, rows: list[tuple[Any, ...]]) -> None:
+        real_insert(con, rows)
+        if phase == "flush" and armed and any(row[0] == "p/" + armed[0] for row in rows):
+            kill(armed[0])
+
     def write_batch(self: Any, items: Any) -> None:
         real_batch(self, items)
         if phase == "flushed" and armed and any(m.entry_id == armed[0] for m, _, _ in items):
@@ -436,6 +442,7 @@ def _install_pending_kill(put_index: int, phase: str, note: str) -> None:
 
     _pending.PendingLog.append = append  # type: ignore[method-assign]
     _store._write_row = write_row  # type: ignore[assignment]
+    _store._insert_rows = insert_rows  # type: ignore[assignment]
     _store.DiskCacheStore._write_batch = write_batch  # type: ignore[method-assign]
 
 

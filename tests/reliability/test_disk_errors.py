@@ -72,12 +72,18 @@ class Fault:
             monkeypatch.setattr(_store._BytesDisk, "store", store)
         else:
             real_row = _store._write_row
+            real_insert = _store._insert_rows
 
             def write_row(*args: Any, **options: Any) -> None:
                 self._maybe_fail(make)
                 real_row(*args, **options)
 
+            def insert_rows(con: Any, rows: list[Any]) -> None:  # a batch of new rows
+                self._maybe_fail(make)
+                real_insert(con, rows)
+
             monkeypatch.setattr(_store, "_write_row", write_row)
+            monkeypatch.setattr(_store, "_insert_rows", insert_rows)
 
     def _maybe_fail(self, make: Callable[[], Exception]) -> None:
         if not self.active:

@@ -166,6 +166,15 @@ _SIZE_SQL: Final = (
     f" FROM Cache WHERE +key >= '{_PAYLOAD}' AND +key < '{_PAYLOAD_END}' AND raw = 1"
 )
 _FILENAMES_SQL: Final = "SELECT filename FROM Cache WHERE key IN (?, ?) AND raw = 1"
+# Which of a JSON array of keys have any row (metadata or payload, any variant).
+_TAKEN_SQL: Final = (
+    "SELECT DISTINCT j.value FROM json_each(?1) AS j JOIN Cache AS c"
+    f" ON c.key >= '{_META}' || j.value || '.' AND c.key < '{_META}' || j.value || '/'"
+    " AND c.raw = 1"
+    " UNION SELECT j.value FROM json_each(?1) AS j JOIN Cache AS c"
+    f" ON c.key >= '{_PAYLOAD}' || j.value || '.' AND c.key < '{_PAYLOAD}' || j.value || '/'"
+    " AND c.raw = 1"
+)
 _DELETE_SQL: Final = "DELETE FROM Cache WHERE key IN (?, ?) AND raw = 1"
 _ROW_SQL: Final = "SELECT rowid, filename FROM Cache WHERE key = ? AND raw = 1"
 _UPDATE_SQL: Final = (
@@ -1667,7 +1676,19 @@ class DiskCacheStore:
             with cache.transact():
                 con = _connection(cache)
                 now = time.time()
+                # Keys with no row yet (the usual case) take two INSERT statements for the
+                # whole batch; a key with rows (other variants to cap, a row to replace)
+                # or twice in the batch takes the way ``put`` goes.
+                counts: dict[str, int] = {}
+                for meta, _, _ in items:
+                    counts[meta.key] = counts.get(meta.key, 0) + 1
+                taken = {key for (key,) in con.execute(_TAKEN_SQL, (json.dumps(list(counts)),))}
+                fresh = [i for i in items if counts[i[0].key] == 1 and i[0].key not in taken]
+                if fresh:
+                    _insert_rows(con, _fresh_rows(fresh, now))
                 for meta, data, payload in items:
+                    if counts[meta.key] == 1 and meta.key not in taken:
+                        continue
                     entry = meta.entry_id
                     new = not self._drop_old_variants(con, meta, old_files)
                     _write_row(
@@ -1961,6 +1982,35 @@ def _write_row(
     else:
         old_files.append(found[1])
         con.execute(_UPDATE_SQL, (now, access, tag, size, mode, filename, value, found[0]))
+
+
+def _fresh_rows(
+    items: Sequence[tuple[EntryMeta, bytes, bytes]], now: float
+) -> list[tuple[Any, ...]]:
+    """``_INSERT_SQL`` parameters of both rows of entries whose keys have no row yet."""
+    rows: list[tuple[Any, ...]] = [
+        (
+            _META + meta.entry_id,
+            now,
+            float(meta.last_used_at),
+            _summary_tag(meta),
+            0,
+            _MODE_RAW,
+            None,
+            data,
+        )
+        for meta, data, _ in items
+    ]
+    rows += [
+        (_PAYLOAD + meta.entry_id, now, now, None, 0, _MODE_RAW, None, payload)
+        for meta, _, payload in items
+    ]
+    return rows
+
+
+def _insert_rows(con: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Insert new rows (inside a transaction): the batch path of ``_write_row``."""
+    con.executemany(_INSERT_SQL, rows)
 
 
 def _delete_rows(con: sqlite3.Connection, entry: str, old_files: list[str | None]) -> bool:
