@@ -11,6 +11,8 @@ Layout of a ``DiskCacheStore`` directory::
                                       the next open moves store/ aside
         store.damaged-<time>-<pid>/   a damaged store/ moved aside (safe to delete)
         locks/<key>.lock              per-key flock files of ``DiskCacheStore.lock``
+        pending/<pid>-<token>.log     entries on their way into cache.db (``put_pending``,
+                                      see ``_pending``)
 
 One entry is two rows of diskcache's ``Cache`` table, written in one transaction::
 
@@ -18,6 +20,10 @@ One entry is two rows of diskcache's ``Cache`` table, written in one transaction
                          tag: the entry's summary, a short JSON array (``_summary_tag``)
                          access_time: when the entry was last used (see below)
     p/<key>.<variant>    value: the payload bytes
+
+and one row per pipeline name is a hint, not an entry (``remember_run``)::
+
+    w/<xxh3 of the name>  value: a JSON array of the entry ids its last run used
 
 "Last used" is kept out of the metadata JSON: ``touch`` only updates the ``access_time``
 column of the metadata rows (diskcache never updates it itself: the store runs with
