@@ -203,8 +203,9 @@ def bench_chain(length: int, repeat: int) -> None:
     row("added by the cache", f"{added:.1f} µs/stage", "(target <= 300)", added <= 300)
     row("added, CPU time", f"{best('cold', 'cpu') - best('plain', 'cpu'):.1f} µs/stage")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"   (load average {load:.2f} on {os.cpu_count()} CPUs; each cold stage waits once")
-    print("    for a worker thread to store its entry, which a busy machine delays)")
+    print(f"   (load average {load:.2f} on {os.cpu_count()} CPUs: the cold run's entries go")
+    print("    to the pending log and into SQLite from a background thread, which needs a")
+    print("    core of its own; a busy machine delays both runs)")
 
 
 def _list(values: list[float]) -> str:
