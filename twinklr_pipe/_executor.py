@@ -544,11 +544,12 @@ class _Run:
             meta["saved_ms"] = outcome.saved_ms
         if st.id in self.pool_wait:
             meta["pool_wait_ms"] = self.pool_wait[st.id]
-        if result is None:  # a hit: its one result, built here from valid parts
-            hit = _AnyResult.model_construct(
-                success=True, stage_name=_name(sdef), output=outcome.value, metadata=meta
+        if result is None:  # a hit: its one result, built here
+            self._finish(
+                st,
+                success_result(outcome.value, stage_name=_name(sdef), metadata=meta),
+                outcome.value,
             )
-            self._finish(st, hit, outcome.value)
             return
         self._finish(st, result.model_copy(update={"metadata": meta}), result.output)
 

@@ -481,8 +481,7 @@ class CacheRuntime:
             for k, v in recorder.metrics.items()
             if isinstance(v, int | float | str | bool) or v is None
         }
-        # Every field is built here with its declared type: no validation pass needed.
-        return EntryMeta.model_construct(
+        return EntryMeta(
             key=info.key,
             variant=fingerprint(reads) if reads else "0",
             pipeline=self.pipeline,
