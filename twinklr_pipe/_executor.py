@@ -43,7 +43,6 @@ from ._results import (
     PipelineResult,
     StageResult,
     StageStatus,
-    _AnyResult,
     cancelled_result,
     failure_result,
     skipped_result,
