@@ -237,3 +237,29 @@ class TestOrphans:
         disk.put_pending(meta, b"mine")
         assert not in_database(disk.directory, meta.entry_id)  # not claimed by that open
         assert len(logs(disk.directory)) == 1
+
+
+class TestFork:
+    def test_a_forked_child_leaves_its_parents_entries_and_log_alone(
+        self, disk: DiskCacheStore
+    ) -> None:
+        meta = meta_for(b"parent's")
+        disk.put_pending(meta, b"parent's")
+        (log,) = logs(disk.directory)
+        size = log.stat().st_size
+        pid = os.fork()
+        if pid == 0:  # the child: whole-store reads, then close, then exit at once
+            code = 0
+            try:
+                list(disk.iter_summaries())
+                disk.close()
+                code = 0 if log.stat().st_size == size else 3
+            except BaseException:
+                code = 4
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert log.stat().st_size == size  # not emptied by the child
+        assert disk.get(meta.entry_id) is not None
+        disk.flush()
+        assert in_database(disk.directory, meta.entry_id)

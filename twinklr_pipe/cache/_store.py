@@ -1634,6 +1634,8 @@ class DiskCacheStore:
                 memory and in the log, which the next store to open the directory reads
                 if this process ends first).
         """
+        if os.getpid() != self._pid:
+            return  # a forked child: what waits, and the log, are its parent's
         with self._flush_lock:
             with self._pending_lock:
                 batch = list(self._pending.items())
