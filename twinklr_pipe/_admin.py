@@ -26,16 +26,20 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import repeat
 from pathlib import Path, PurePath
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from pydantic import BaseModel
-
-from ._definition import ExecutionPattern, PipelineDefinition
-from ._graph import topological_order
-from ._journal import InputSpec
-from ._results import PipelineResult
-from .cache._entry import CacheStore, EntryMeta, EntrySummary
+from .cache._summary import EntrySummary
 from .errors import CacheError, FingerprintError, SpecError, StoreError
+
+if TYPE_CHECKING:
+    from ._definition import PipelineDefinition
+    from ._journal import InputSpec
+    from ._results import PipelineResult
+    from .cache._entry import CacheStore, EntryMeta
+
+# Every ``pipe`` command imports this module: what only some functions need (pydantic,
+# the pipeline models, the journal) is imported in those functions, so that ``pipe
+# cache ls`` and ``pipe --help`` start fast.
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -588,6 +592,8 @@ def accept_stage(store: CacheStore, pipeline: PipelineDefinition, stage_id: str)
 
 
 def _marks(pipeline: PipelineDefinition, sid: str) -> list[str]:
+    from ._definition import ExecutionPattern
+
     sdef = pipeline.get_stage(sid)
     marks = []
     if sdef.pattern is ExecutionPattern.FAN_OUT:
@@ -614,6 +620,8 @@ def graph_text(pipeline: PipelineDefinition, fmt: str = "text") -> str:
         DefinitionError: the pipeline is invalid.
         ValueError: unknown format.
     """
+    from ._definition import ExecutionPattern
+    from ._graph import topological_order
     from .errors import DefinitionError
 
     problems = pipeline.validate_pipeline()
@@ -703,6 +711,8 @@ def _repr(value: Any) -> str:
 
 
 def _jsonable_container(value: Any, active: set[int]) -> Any:
+    from pydantic import BaseModel
+
     if isinstance(value, dict):
         return {
             (k if isinstance(k, str) else str(jsonable(k, active))): jsonable(v, active)
@@ -839,6 +849,7 @@ def probe_pipeline(pipeline: PipelineDefinition, initial_input: Any) -> dict[str
 
 def _probe_main() -> None:
     """Entry point of the fresh interpreter ``doctor`` starts (spec and input on stdin)."""
+    from ._journal import InputSpec
     from ._loader import load_pipeline
 
     request = json.loads(sys.stdin.read())
