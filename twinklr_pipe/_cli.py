@@ -26,6 +26,7 @@ from ._admin import (
     accept_stage,
     delete_entries,
     doctor,
+    entries_text,
     entry_to_dict,
     find_entry,
     format_bytes,
@@ -649,16 +650,25 @@ def cache_ls(
     """
     store = open_store(cache_dir, create=False)
     try:
-        entries = _parse(
-            lambda s: list_entries(store, stage=stage, pipeline=pipeline, sort=s), sort, "--sort"
-        )
+        if json_out:
+            entries = _parse(
+                lambda s: list_entries(store, stage=stage, pipeline=pipeline, sort=s),
+                sort,
+                "--sort",
+            )
+        else:  # the same table as format_entries(list_entries(...)), built column-wise
+            text = _parse(
+                lambda s: entries_text(store, stage=stage, pipeline=pipeline, sort=s),
+                sort,
+                "--sort",
+            )
     finally:
         if store is not None:
             store.close()
     if json_out:
         _out(json.dumps([entry_to_dict(m) for m in entries]))
     else:
-        _out(format_entries(entries))
+        _out(text)
 
 
 @cache_app.command("show", no_args_is_help=True)

@@ -185,7 +185,7 @@ _SUMMARY_TYPES: Final = frozenset(
     (int, str, str, str, str, str, str, bool, index, str, int, float, float, float, str)
     for index in (type(None), int)
 )
-#: The same, per element (``_parse_summaries`` checks a column at a time).
+#: The same, per element (``_parse_summary_columns`` checks a column at a time).
 _SUMMARY_COLUMN_TYPES: Final = tuple(
     frozenset(types) for types in zip(*_SUMMARY_TYPES, strict=True)
 )
@@ -354,14 +354,15 @@ def _parse_summary(row_key: str, tag: bytes | None, used: Any) -> EntrySummary |
     return EntrySummary._make(fields[1:])
 
 
-def _parse_summaries(
+def _parse_summary_columns(
     row_keys: Sequence[str], tags: Sequence[bytes | None], used: Sequence[Any]
-) -> list[EntrySummary] | None:
-    """The summaries of many metadata rows at once, or None if any is unusable.
+) -> list[Sequence[Any]] | None:
+    """The summaries of many metadata rows at once, as columns, or None if any is unusable.
 
-    The tags are parsed as one JSON array, ``[`` + tags joined by ``,\\n`` + ``]``, and
-    the checks and the building run in C loops (a listing of 100,000 entries must stay
-    well under a second). Each tag is proven to be exactly one element: a string cannot
+    The columns are ``EntrySummary``'s fields in order, one sequence of values each
+    (``_summary_columns``). The tags are parsed as one JSON array, ``[`` + tags joined by
+    ``,\\n`` + ``]``, and the checks run in C loops (a listing of 100,000 entries must
+    stay well under a second). Each tag is proven to be exactly one element: a string cannot
     span a separator (``json`` rejects raw newlines in strings), every tag starts with
     ``[``, every element must be a flat array of the summary's types (so each ``[``
     outside strings opens one), and there must be exactly one element per row.
@@ -372,11 +373,13 @@ def _parse_summaries(
         values = json.loads(b"[" + b",\n".join(tags) + b"]")  # type: ignore[arg-type]
     except (TypeError, ValueError):  # TypeError: a row without a tag
         return None
-    if len(values) != len(row_keys) or not values:
-        return [] if not values and not row_keys else None
+    if len(values) != len(row_keys):
+        return None
+    if not values:
+        return _columns_of([])
     if set(map(type, values)) != {list} or set(map(len, values)) != {_SUMMARY_LENGTH}:
         return None
-    columns = list(zip(*values, strict=True))  # one tuple per field
+    columns: list[Sequence[Any]] = list(zip(*values, strict=True))  # one tuple per field
     for column, allowed in zip(columns, _SUMMARY_COLUMN_TYPES, strict=True):
         if not set(map(type, column)) <= allowed:
             return None
@@ -387,7 +390,19 @@ def _parse_summaries(
     if not all(map(float.__instancecheck__, used)):
         return None
     columns[_SUMMARY_USED] = tuple(map(max, columns[_SUMMARY_USED], used))
-    return list(map(tuple.__new__, repeat(EntrySummary), zip(*columns[1:], strict=True)))
+    return columns[1:]
+
+
+def _summary_rows(columns: Sequence[Sequence[Any]]) -> list[EntrySummary]:
+    """The ``EntrySummary`` rows of summary columns (``_summary_columns``)."""
+    return list(map(tuple.__new__, repeat(EntrySummary), zip(*columns, strict=True)))
+
+
+def _columns_of(rows: Sequence[EntrySummary]) -> list[Sequence[Any]]:
+    """Summary columns of ``EntrySummary`` rows (the inverse of ``_summary_rows``)."""
+    if not rows:
+        return [() for _ in EntrySummary._fields]
+    return list(zip(*rows, strict=True))
 
 
 def _used_at(meta: EntryMeta, used: Any) -> EntryMeta:
@@ -1126,6 +1141,19 @@ class DiskCacheStore:
         return iter(self._summaries())
 
     def _summaries(self) -> list[EntrySummary]:
+        columns = self._summary_columns()
+        with _gc_paused():
+            return _summary_rows(columns)
+
+    def _summary_columns(self) -> list[Sequence[Any]]:
+        """``iter_summaries`` as columns: ``EntrySummary``'s fields in order, one sequence each.
+
+        What ``pipe cache ls`` reads (``twinklr_pipe._listing``): it filters, sorts and
+        formats 100,000 entries column by column, never building a row.
+
+        Raises:
+            StoreError: the database is damaged or closed, or SQLite fails.
+        """
         action = "list the cache entries"
         cache = self._scanner(action)
         con = _connection(cache)
@@ -1139,8 +1167,8 @@ class DiskCacheStore:
             tags = list(map(itemgetter(1), rows))
             used = list(map(itemgetter(2), rows))
             del rows
-            summaries = _parse_summaries(keys, tags, used)
-            if summaries is None:  # one row at a time, to find the unusable ones
+            columns = _parse_summary_columns(keys, tags, used)
+            if columns is None:  # one row at a time, to find the unusable ones
                 summaries = []
                 for row_key, tag, at in zip(keys, tags, used, strict=True):
                     found = _parse_summary(row_key, tag, at)
@@ -1148,9 +1176,10 @@ class DiskCacheStore:
                         odd.append(row_key)
                     else:
                         summaries.append(found)
+                columns = _columns_of(summaries)
             del keys, tags, used
         if not odd:
-            return summaries
+            return columns
         try:
             if len(odd) <= _UNSUMMARIZED_BY_KEY:
                 one = (con.execute(_META_ROW_SQL, (key,)).fetchone() for key in odd)
@@ -1162,14 +1191,14 @@ class DiskCacheStore:
             raise self._scan_failed(exc, action) from exc
         metas = self._decode_page([(None, *row) for row in rows])
         skipped = len(rows) - len(metas)
-        summaries.extend(map(EntrySummary.of, metas))
         if skipped:
             _log.warning(
                 "Skipped %d unreadable cache entries in %s; the next lookup of each removes it",
                 skipped,
                 self._store_dir,
             )
-        return summaries
+        decoded = _columns_of([EntrySummary.of(meta) for meta in metas])
+        return [[*column, *more] for column, more in zip(columns, decoded, strict=True)]
 
     def size(self) -> int:
         """Total size in bytes of the stored payloads (one query).
