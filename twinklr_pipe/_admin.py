@@ -275,7 +275,9 @@ def entries_text(
         raise ValueError(f"invalid sort '{sort}'; use created, used or size")
     columns = entry_columns(store)
     order = listing_order(columns, stage=stage, pipeline=pipeline, sort=sort)
-    return format_columns(take([columns[field] for field in TABLE_FIELDS], order))
+    table = take([columns[field] for field in TABLE_FIELDS], order)
+    del columns  # the fields the table does not show: their memory serves the formatting
+    return format_columns(table)
 
 
 def entry_to_dict(meta: _EntryLike) -> dict[str, Any]:
