@@ -4,16 +4,27 @@ Builds a ``DiskCacheStore`` with N entries (default 100,000) in a temporary
 directory, in one SQLite transaction (``put`` commits once per entry, which would
 take minutes), then measures, in one run:
 
-1. the listing library calls alone: ``list_entries`` (read + sort) and ``format_entries``;
-2. the ``cache ls`` command end to end in this process (typer's ``CliRunner``:
-   option parsing, opening the store, listing, sorting, formatting, writing);
-3. ``cache ls --json`` the same way;
-4. a real ``pipe cache ls`` subprocess (``python -m twinklr_pipe``), interpreter start
-   and imports included, its output going to a pipe that is drained.
+1. a real ``pipe cache ls`` subprocess (``python -m twinklr_pipe``), interpreter start
+   and imports included, its output going to a pipe that is drained: the target;
+2. its start-up alone: ``pipe --version``, and ``pipe cache ls`` on an empty cache
+   (imports, typer's option parsing, opening the store);
+3. the listing alone, in process: reading the summaries into columns
+   (``DiskCacheStore._summary_columns``) and ordering them (``listing_order``);
+4. the formatting alone: ``format_columns`` of the ordered columns;
+5. the library calls ``list_entries`` + ``format_entries`` (one ``EntrySummary`` per
+   entry), the command in process (typer's ``CliRunner``), ``cache ls --json``, and
+   ``sorted(store.iter_metadata())`` (every record decoded) for comparison.
+
+Subprocesses run without ``PYTHONDONTWRITEBYTECODE``, so that, as on any installed
+copy, they load cached bytecode (the first run writes it; best-of-N keeps the others):
+compiling the package's sources at every start would add ~0.2 s. ``--json-tags``
+builds a store whose summaries are in format 1 (JSON), as written before format 2.
+
+The machine's speed is printed too (a fixed Python loop); figures scale with it.
 
 Usage::
 
-    python scripts/bench_cli_cache_ls.py [--entries 100000] [--repeat 3]
+    python scripts/bench_cli_cache_ls.py [--entries 100000] [--repeat 5] [--json-tags]
 """
 
 from __future__ import annotations
@@ -24,18 +35,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import xxhash
 
 from twinklr_pipe._admin import format_entries, list_entries, open_store
+from twinklr_pipe._listing import TABLE_FIELDS, format_columns, listing_order, take
 from twinklr_pipe.cache._entry import EntryMeta
 from twinklr_pipe.cache._store import DiskCacheStore
 
 TARGET_S = 1.0
+#: The calibration loop's CPU time on the reference machine (figures are quoted there).
+REFERENCE_CALIBRATION_S = 0.57
 
 
-def build_store(directory: Path, entries: int) -> None:
+def build_store(directory: Path, entries: int, json_tags: bool = False) -> None:
     """Fill a DiskCacheStore with ``entries`` realistic entries, fast."""
     store = DiskCacheStore(directory)
     now = time.time()
@@ -69,26 +85,30 @@ def build_store(directory: Path, entries: int) -> None:
         )
         rows.append((meta, payload))
     try:
-        _bulk_insert(store, rows)
+        _bulk_insert(store, rows, json_tags)
     except AttributeError:  # the store's internals changed: the slow, public way
         for meta, payload in rows:
             store.put(meta, payload)
     store.close()
 
 
-def _bulk_insert(store: DiskCacheStore, rows: list[tuple[EntryMeta, bytes]]) -> None:
+def _bulk_insert(
+    store: DiskCacheStore, rows: list[tuple[EntryMeta, bytes]], json_tags: bool
+) -> None:
     from twinklr_pipe.cache import _store as internals
 
     cache = store._cache  # private: one transaction for the whole build
+    assert cache is not None
     con = internals._connection(cache)
     now = time.time()
+    summary_tag = internals._json_summary_tag if json_tags else internals._summary_tag
     with cache.transact():
         for meta, payload in rows:
             meta = internals._checked_for_put(meta, payload)
             data = internals._dump_meta(meta)
             # As ``put`` writes them: the metadata row carries the summary and last use.
             for prefix, blob, tag, used in (
-                (internals._META, data, internals._summary_tag(meta), meta.last_used_at),
+                (internals._META, data, summary_tag(meta), meta.last_used_at),
                 (internals._PAYLOAD, payload, None, now),
             ):
                 con.execute(
@@ -106,7 +126,7 @@ def _bulk_insert(store: DiskCacheStore, rows: list[tuple[EntryMeta, bytes]]) -> 
                 )
 
 
-def best_of(repeat: int, fn) -> tuple[float, float]:
+def best_of(repeat: int, fn: Callable[[], object]) -> tuple[float, float]:
     """Best wall time and best CPU time (this process and its children) of ``repeat`` calls."""
     walls, cpus = [], []
     for _ in range(repeat):
@@ -131,14 +151,63 @@ def calibration() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=100_000)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--json-tags", action="store_true", help="summaries in format 1 (JSON), as before"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-cache-ls-") as tmp:
         cache_dir = Path(tmp) / "cache"
+        empty_dir = Path(tmp) / "empty"
+        DiskCacheStore(empty_dir).close()
         start = time.perf_counter()
-        build_store(cache_dir, args.entries)
-        print(f"built a store of {args.entries:,} entries in {time.perf_counter() - start:.1f} s")
+        build_store(cache_dir, args.entries, args.json_tags)
+        tags = "format 1 (JSON)" if args.json_tags else "format 2 (text)"
+        print(
+            f"built a store of {args.entries:,} entries ({tags} summaries) "
+            f"in {time.perf_counter() - start:.1f} s"
+        )
+        # As on an installed copy: subprocesses read (and the first one writes) bytecode.
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        env["COLUMNS"] = "120"
+        pipe = [sys.executable, "-m", "twinklr_pipe"]
+
+        def subprocess_ls() -> None:
+            proc = subprocess.run(
+                [*pipe, "cache", "ls", "--cache-dir", str(cache_dir)],
+                capture_output=True,
+                check=True,
+                env=env,
+            )
+            assert proc.stdout.count(b"\n") == args.entries + 2
+
+        def version() -> None:
+            subprocess.run([*pipe, "--version"], capture_output=True, check=True, env=env)
+
+        def empty_ls() -> None:
+            subprocess.run(
+                [*pipe, "cache", "ls", "--cache-dir", str(empty_dir)],
+                capture_output=True,
+                check=True,
+                env=env,
+            )
+
+        ordered: list[list[Sequence[Any]]] = []
+
+        def listing() -> None:
+            store = open_store(cache_dir, create=False)
+            assert isinstance(store, DiskCacheStore)
+            try:
+                columns = store._summary_columns()
+            finally:
+                store.close()
+            order = listing_order(columns, sort="created")
+            ordered[:] = [take([columns[field] for field in TABLE_FIELDS], order)]
+
+        def formatting() -> None:
+            text = format_columns(ordered[0])
+            assert text.count("\n") == args.entries + 1
 
         def library() -> None:
             store = open_store(cache_dir, create=False)
@@ -160,28 +229,6 @@ def main() -> None:
             result = runner.invoke(app, ["cache", "ls", "--cache-dir", str(cache_dir), *extra])
             assert result.exit_code == 0, result.output
 
-        def subprocess_ls() -> None:
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "twinklr_pipe",
-                    "cache",
-                    "ls",
-                    "--cache-dir",
-                    str(cache_dir),
-                ],
-                capture_output=True,
-                check=True,
-                env={**os.environ, "COLUMNS": "120"},
-            )
-            assert proc.stdout.count(b"\n") == args.entries + 2
-
-        def startup() -> None:
-            subprocess.run(
-                [sys.executable, "-m", "twinklr_pipe", "--version"], capture_output=True, check=True
-            )
-
         def baseline() -> None:
             store = DiskCacheStore(cache_dir)
             try:
@@ -189,27 +236,40 @@ def main() -> None:
             finally:
                 store.close()
 
+        before = calibration()
+        repeat = args.repeat
+        target = best_of(repeat, subprocess_ls)
         figures = [
-            ("baseline: sorted(store.iter_metadata())", best_of(args.repeat, baseline)),
-            ("list_entries + format_entries (library)", best_of(args.repeat, library)),
-            ("pipe cache ls, in process (CliRunner)", best_of(args.repeat, command)),
-            ("pipe cache ls --json, in process", best_of(args.repeat, lambda: command("--json"))),
-            ("pipe cache ls, subprocess", best_of(args.repeat, subprocess_ls)),
-            ("pipe --version, subprocess (start-up)", best_of(args.repeat, startup)),
+            ("pipe cache ls, subprocess (the target)", target),
+            ("  start-up: pipe --version", best_of(repeat, version)),
+            ("  start-up: pipe cache ls, empty cache", best_of(repeat, empty_ls)),
+            ("  listing: read columns + order", best_of(repeat, listing)),
+            ("  formatting: format_columns", best_of(repeat, formatting)),
+            ("list_entries + format_entries (library)", best_of(repeat, library)),
+            ("pipe cache ls, in process (CliRunner)", best_of(repeat, command)),
+            ("pipe cache ls --json, in process", best_of(repeat, lambda: command("--json"))),
+            ("baseline: sorted(store.iter_metadata())", best_of(min(repeat, 2), baseline)),
         ]
-        print(f"best of {args.repeat}, {args.entries:,} entries (wall / CPU):")
+        after = calibration()
+        print(f"best of {repeat}, {args.entries:,} entries (wall / CPU):")
         for name, (wall, cpu) in figures:
             print(f"  {name:<42} {wall * 1000:8.1f} ms / {cpu * 1000:8.1f} ms")
         load = os.getloadavg()[0]
         print(f"load average {load:.1f} on {os.cpu_count()} cores (figures inflate under load)")
-        print(f"calibration: a 10M-iteration Python loop takes {calibration():.2f} s CPU here")
-        worst = max(
-            wall
-            for name, (wall, _) in figures
-            if "--json" not in name and "start" not in name and "baseline" not in name
+        speed = min(before, after)
+        print(
+            f"calibration: a 10M-iteration Python loop takes {before:.2f} s CPU before, "
+            f"{after:.2f} s after ({REFERENCE_CALIBRATION_S:.2f} s on the reference machine)"
         )
-        verdict = "OK" if worst < TARGET_S else "TOO SLOW"
-        print(f"target: every 'pipe cache ls' under {TARGET_S:.1f} s -> {verdict}")
+        wall = target[0]
+        verdict = "OK" if wall < TARGET_S else "TOO SLOW"
+        print(f"target: pipe cache ls under {TARGET_S:.1f} s: {wall:.2f} s -> {verdict}")
+        if speed > REFERENCE_CALIBRATION_S * 1.2:
+            scaled = wall * REFERENCE_CALIBRATION_S / speed
+            print(
+                f"  (this machine runs {speed / REFERENCE_CALIBRATION_S:.1f}x slower than the "
+                f"reference now: about {scaled:.2f} s there, an estimate)"
+            )
 
 
 if __name__ == "__main__":

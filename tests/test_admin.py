@@ -8,6 +8,7 @@ import enum
 import json
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -174,6 +175,99 @@ class TestListing:
         assert list_entries(plain) == list_entries(store)
         assert [m.key for m in gc_entries(plain, max_size=250, dry_run=True).evicted] == ["aa11"]
         assert clear_entries(plain, stage="load") == (2, 300)
+
+    def test_table_layout(self, monkeypatch):
+        """The table pins its layout: variant and item suffixes, hash versions cut to 12,
+        sizes right-aligned, never-set times as "-", and ties sorted by key."""
+        monkeypatch.setenv("TZ", "UTC")
+        time.tzset()
+        try:
+            s = MemoryStore()
+            put(s, "a" * 32, stage="load", version="1", created=NOW, used=NOW + 120)
+            put(
+                s,
+                "b" * 32,
+                variant="9f8e7d6c",
+                pipeline="sequencer",
+                stage="groups",
+                item_index=12,
+                version="src:" + "e" * 32,
+                version_is_source_hash=True,
+                created=NOW + 60,
+            )
+            put(
+                s,
+                "c" * 32,
+                stage="render",
+                version="2",
+                size=1536,
+                created=NOW + 60,
+                used=NOW + 3600,
+            )
+            put(s, "d" * 32, stage="x", size=3 * 1024 * 1024, created=0.0)
+            text = format_entries(list_entries(s, sort="used"))
+        finally:
+            monkeypatch.delenv("TZ")
+            time.tzset()
+        # Each row in two halves, to keep the lines short.
+        assert text.splitlines() == [
+            "KEY                PIPELINE   STAGE       VERSION         SIZE  "
+            "CREATED           LAST USED",
+            "dddddddddddd       p          x                         3.0 MB  -                 -",
+            "bbbbbbbbbbbb.9f8e  sequencer  groups[12]  src:eeeeeeee    10 B  "
+            "2023-11-14 22:14  2023-11-14 22:14",
+            "aaaaaaaaaaaa       p          load        1               10 B  "
+            "2023-11-14 22:13  2023-11-14 22:15",
+            "cccccccccccc       p          render      2             1.5 KB  "
+            "2023-11-14 22:14  2023-11-14 23:13",
+            "4 entries, 3.0 MB (3147284 bytes)",
+        ]
+
+    @pytest.mark.parametrize("kind", ["memory", "disk"])
+    def test_the_command_table_is_format_entries_of_list_entries(self, tmp_path, kind):
+        """``entries_text`` (what ``pipe cache ls`` prints, built from columns) equals
+        ``format_entries(list_entries(...))`` for every sort and filter, ties included,
+        and ``list_entries`` sorts by the field, then key, then variant."""
+        from twinklr_pipe._admin import entries_text
+        from twinklr_pipe.cache._store import DiskCacheStore
+
+        s = MemoryStore() if kind == "memory" else DiskCacheStore(tmp_path / "c")
+        for i, key in enumerate(["k3", "k1", "k2", "k1", "k0", "k9"]):
+            put(
+                s,
+                key,
+                variant=["0", "0", "0", "v2", "0", "0"][i],
+                stage=["load", "fan", "load", "fan", "load", "fan"][i],
+                pipeline=["p", "p", "q", "p", "q", "p"][i],
+                item_index=[None, 3, None, 4, None, None][i],
+                size=[10, 2048, 10, 10, 5000, 10][i],
+                created=[NOW, NOW, NOW - 5, NOW, NOW + 9, 0.0][i],  # ties on created
+                used=[NOW + 1, NOW + 1, NOW, NOW + 2, NOW + 9, 0.0][i],  # and on used
+            )
+        s.touch(["k2.0", "k0.0"], NOW + 50)
+        fields = {"created": "created_at", "used": "last_used_at", "size": "size_bytes"}
+        for sort, field in fields.items():
+            for stage_id in (None, "load", "fan", "none"):
+                for pipeline in (None, "p", "q"):
+                    rows = list_entries(s, stage=stage_id, pipeline=pipeline, sort=sort)
+                    assert rows == sorted(rows, key=lambda r: (getattr(r, field), r.key, r.variant))
+                    assert entries_text(s, stage=stage_id, pipeline=pipeline, sort=sort) == (
+                        format_entries(rows)
+                    )
+        assert len(list_entries(s)) == 6
+        assert (
+            entries_text(None)
+            == format_entries([])
+            == "\n".join(
+                [
+                    "KEY  PIPELINE  STAGE  VERSION  SIZE  CREATED  LAST USED",
+                    "0 entries, 0 B (0 bytes)",
+                ]
+            )
+        )
+        with pytest.raises(ValueError, match="invalid sort"):
+            entries_text(s, sort="age")
+        s.close()
 
     def test_missing_cache_dir_is_an_empty_cache(self, tmp_path):
         """Read-only commands do not create a cache directory."""

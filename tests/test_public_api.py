@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -79,6 +80,63 @@ class TestNames:
             [sys.executable, "-c", code], capture_output=True, text=True, check=True
         )
         assert out.stdout.strip() == "[]"
+
+    def test_import_is_lazy(self) -> None:
+        """``import twinklr_pipe`` loads no submodule, pydantic or anyio; names load on use."""
+        code = (
+            "import sys, twinklr_pipe; "
+            "print(sorted(m for m in sys.modules if m.startswith('twinklr_pipe.') "
+            "or m.split('.')[0] in ('pydantic', 'anyio')))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip() == "[]"
+
+    def test_every_public_name_imports_from_a_fresh_interpreter(self) -> None:
+        """``from twinklr_pipe import X`` (and ``import *``) works for every name, first thing."""
+        names = ", ".join(n for n in PUBLIC_NAMES if n != "__version__")
+        code = (
+            f"from twinklr_pipe import {names}\n"
+            "import twinklr_pipe\n"
+            "ns = {}\n"
+            "exec('from twinklr_pipe import *', ns)\n"
+            "assert all(getattr(twinklr_pipe, n) is ns[n] for n in twinklr_pipe.__all__)\n"
+            "assert set(twinklr_pipe.__all__) <= set(dir(twinklr_pipe))\n"
+            "print('ok')"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "ok"
+
+    def test_an_unknown_name_is_an_attribute_error(self) -> None:
+        """The lazy loader raises AttributeError (so ``hasattr`` and ``getattr`` defaults work)."""
+        assert not hasattr(twinklr_pipe, "NoSuchName")
+        assert getattr(twinklr_pipe.cache, "NoSuchName", None) is None
+
+    def test_the_cli_imports_only_what_cache_ls_needs(self, tmp_path: Path) -> None:
+        """``pipe``'s module, and running ``cache ls``, leave the executor, anyio and the
+        pipeline models unloaded: the command starts fast."""
+        code = (
+            "import sys\n"
+            "import twinklr_pipe._cli as cli\n"
+            "heavy = ('twinklr_pipe._executor', 'twinklr_pipe._definition', "
+            "'twinklr_pipe._journal', 'twinklr_pipe._loader', 'twinklr_pipe.cache._fingerprint', "
+            "'twinklr_pipe.cache._identity', 'anyio', 'rich')\n"
+            "print(sorted(m for m in heavy if m in sys.modules), 'pydantic' in sys.modules)\n"
+            "sys.argv = ['pipe', 'cache', 'ls', '--cache-dir', sys.argv[1]]\n"
+            "try:\n"
+            "    cli.main()\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print(sorted(m for m in heavy if m in sys.modules))\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True
+        )
+        lines = out.stdout.strip().splitlines()
+        assert lines[0] == "[] False"
+        assert lines[-1] == "[]"
 
 
 class TestSignatures:

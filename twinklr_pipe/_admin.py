@@ -7,35 +7,46 @@ tested without a terminal. None of them imports typer or rich.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import decimal
 import enum
-import gc
-import itertools
 import json
 import math
-import operator
 import os
 import re
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from itertools import repeat
+from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePath
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from pydantic import BaseModel
-
-from ._definition import ExecutionPattern, PipelineDefinition
-from ._graph import topological_order
-from ._journal import InputSpec
-from ._results import PipelineResult
-from .cache._entry import CacheStore, EntryMeta, EntrySummary
+from ._listing import (
+    SORTS,
+    TABLE_FIELDS,
+    columns_of,
+    entry_columns,
+    entry_rows,
+    format_bytes,
+    format_columns,
+    listing_order,
+    rows_of,
+    take,
+)
+from .cache._summary import EntrySummary
 from .errors import CacheError, FingerprintError, SpecError, StoreError
+
+if TYPE_CHECKING:
+    from ._definition import PipelineDefinition
+    from ._journal import InputSpec
+    from ._results import PipelineResult
+    from .cache._entry import CacheStore, EntryMeta
+
+# Every ``pipe`` command imports this module: what only some functions need (pydantic,
+# the pipeline models, the journal) is imported in those functions, so that ``pipe
+# cache ls`` and ``pipe --help`` start fast.
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -47,6 +58,7 @@ __all__ = [
     "clear_entries",
     "delete_entries",
     "doctor",
+    "entries_text",
     "entry_rows",
     "entry_to_dict",
     "find_entry",
@@ -133,17 +145,6 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
 
 
-def format_bytes(size: float) -> str:
-    """``1.5 MB`` style (binary units), ``812 B`` below one KB."""
-    if size < 1024:
-        return f"{int(size)} B"
-    for unit in ("KB", "MB", "GB", "TB"):
-        size /= 1024
-        if size < 1024 or unit == "TB":
-            return f"{size:.1f} {unit}"
-    raise AssertionError("unreachable")
-
-
 def _iso(timestamp: float | None) -> str | None:
     if not timestamp:
         return None
@@ -192,38 +193,6 @@ class _EntryLike(Protocol):
     def run_id(self) -> str: ...
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while building 100,000s of acyclic objects.
-
-    Allocating that many tuples triggers collections that find nothing (about a fifth
-    of the listing time).
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def entry_rows(store: CacheStore | None) -> list[EntryRow]:
-    """Every entry of ``store`` as a listing row.
-
-    From the store's ``iter_summaries()`` when it has one (both built-in stores do: on
-    a ``DiskCacheStore`` that is one query, no metadata decoded), else derived from
-    ``iter_metadata()``, so a store implementing only the ``CacheStore`` protocol works.
-    """
-    if store is None:
-        return []
-    summaries: Callable[[], Iterable[EntrySummary]] | None = getattr(store, "iter_summaries", None)
-    with _gc_paused():
-        if summaries is not None:
-            return list(summaries())
-        return [EntrySummary.of(meta) for meta in store.iter_metadata()]
-
-
 def select_entries(
     store: CacheStore | None,
     *,
@@ -253,13 +222,6 @@ def select_entries(
     ]
 
 
-_SORTS: dict[str, Callable[[EntryRow], Any]] = {
-    "created": operator.itemgetter(EntryRow._fields.index("created_at"), 0, 1),
-    "used": operator.itemgetter(EntryRow._fields.index("last_used_at"), 0, 1),
-    "size": operator.itemgetter(EntryRow._fields.index("size_bytes"), 0, 1),
-}
-
-
 def list_entries(
     store: CacheStore | None,
     *,
@@ -270,95 +232,52 @@ def list_entries(
     """Entries for ``pipe cache ls``, sorted ascending by ``created``, ``used`` or ``size``.
 
     Ascending, so the newest, most recently used or largest entries are listed last,
-    next to the footer.
+    next to the footer. Ties are ordered by key, then variant.
 
     Raises:
         ValueError: unknown sort.
     """
-    if sort not in _SORTS:
+    if sort not in SORTS:
         raise ValueError(f"invalid sort '{sort}'; use created, used or size")
-    rows = entry_rows(store)
-    if stage is not None or pipeline is not None:
-        rows = [
-            r
-            for r in rows
-            if (stage is None or r.stage_id == stage)
-            and (pipeline is None or r.pipeline == pipeline)
-        ]
-    rows.sort(key=_SORTS[sort])
-    return rows
+    columns = entry_columns(store)
+    order = listing_order(columns, stage=stage, pipeline=pipeline, sort=sort)
+    return rows_of(take(columns, order))
 
 
 def format_entries(entries: Sequence[_EntryLike]) -> str:
     """The text table of ``pipe cache ls``: one row per entry and a footer.
 
     Plain text, columns padded with spaces; the footer gives the entry count and the
-    total size (human and exact bytes). Written for speed (column-wise C loops, times
-    memoized per minute): 100,000 rows take a fraction of a second.
+    total size (human and exact bytes). Built column by column (``_listing``): 100,000
+    rows take a fraction of a second.
     """
-    with _gc_paused():
-        return _format_entries(entries)
-
-
-def _format_entries(entries: Sequence[_EntryLike]) -> str:
     rows = [e if isinstance(e, EntrySummary) else EntrySummary.of(e) for e in entries]  # type: ignore[arg-type]
-    header = ("KEY", "PIPELINE", "STAGE", "VERSION", "SIZE", "CREATED", "LAST USED")
-    if rows:
-        (key, variant, pipeline, stage, _, version, is_hash, index, _, size, created, used, *_) = (
-            zip(*rows, strict=True)
-        )
-    else:
-        key = variant = pipeline = stage = version = is_hash = index = size = created = used = ()
-    keys = [k[:12] if v == "0" else f"{k[:12]}.{v[:4]}" for k, v in zip(key, variant, strict=True)]
-    stages = [s if i is None else f"{s}[{i}]" for s, i in zip(stage, index, strict=True)]
-    versions = [v[:12] if h else v for v, h in zip(version, is_hash, strict=True)]
-    sizes = [f"{n} B" if n < 1024 else format_bytes(n) for n in size]
-    created_ids = list(_minute_ids(created))
-    used_ids = list(_minute_ids(used))
-    minutes = _minutes_text(created_ids, used_ids)
-    created_text = list(map(minutes.__getitem__, created_ids))
-    used_text = list(map(minutes.__getitem__, used_ids))
-    columns = (keys, pipeline, stages, versions, sizes, created_text)
-    w = [
-        max(len(title), max(map(len, col), default=0))
-        for title, col in zip(header[:6], columns, strict=True)
-    ]
-    # Pad column by column (C loops), then join each row's cells: several times faster
-    # than one str.format per row.
-    padded = [
-        list(map(str.rjust if i == 4 else str.ljust, col, repeat(width)))
-        for i, (col, width) in enumerate(zip(columns, w, strict=True))
-    ]
-    total = sum(size)
-    noun = "entry" if len(rows) == 1 else "entries"
-    footer = f"{len(rows)} {noun}, {format_bytes(total)} ({total} bytes)"
-    title = "  ".join(
-        [
-            *(
-                t.rjust(n) if i == 4 else t.ljust(n)
-                for i, (t, n) in enumerate(zip(header[:6], w, strict=True))
-            ),
-            header[6],
-        ]
-    )
-    body = map("  ".join, zip(*padded, used_text, strict=True))
-    return "\n".join([title, *body, footer])
+    columns = columns_of(rows)
+    return format_columns([columns[field] for field in TABLE_FIELDS])
 
 
-def _minute_ids(timestamps: Iterable[float]) -> Iterator[int]:
-    """``int(t // 60)`` of each timestamp, in C loops."""
-    return map(int, map(operator.floordiv, timestamps, itertools.repeat(60)))
+def entries_text(
+    store: CacheStore | None,
+    *,
+    stage: str | None = None,
+    pipeline: str | None = None,
+    sort: str = "created",
+) -> str:
+    """What ``pipe cache ls`` prints: ``format_entries(list_entries(store, ...))``.
 
+    The same table, built straight from the store's columns (``_listing``), without one
+    object per entry: the command lists 100,000 entries in well under a second.
 
-def _minutes_text(*columns: Iterable[int]) -> dict[int, str]:
-    """Local ``YYYY-MM-DD HH:MM`` of every minute id (``_minute_ids``) given (0: ``-``)."""
-    found: set[int] = set()
-    for column in columns:
-        found.update(column)
-    return {
-        minute: time.strftime("%Y-%m-%d %H:%M", time.localtime(minute * 60)) if minute else "-"
-        for minute in found
-    }
+    Raises:
+        ValueError: unknown sort.
+    """
+    if sort not in SORTS:
+        raise ValueError(f"invalid sort '{sort}'; use created, used or size")
+    columns = entry_columns(store)
+    order = listing_order(columns, stage=stage, pipeline=pipeline, sort=sort)
+    table = take([columns[field] for field in TABLE_FIELDS], order)
+    del columns  # the fields the table does not show: their memory serves the formatting
+    return format_columns(table)
 
 
 def entry_to_dict(meta: _EntryLike) -> dict[str, Any]:
@@ -588,6 +507,8 @@ def accept_stage(store: CacheStore, pipeline: PipelineDefinition, stage_id: str)
 
 
 def _marks(pipeline: PipelineDefinition, sid: str) -> list[str]:
+    from ._definition import ExecutionPattern
+
     sdef = pipeline.get_stage(sid)
     marks = []
     if sdef.pattern is ExecutionPattern.FAN_OUT:
@@ -614,6 +535,8 @@ def graph_text(pipeline: PipelineDefinition, fmt: str = "text") -> str:
         DefinitionError: the pipeline is invalid.
         ValueError: unknown format.
     """
+    from ._definition import ExecutionPattern
+    from ._graph import topological_order
     from .errors import DefinitionError
 
     problems = pipeline.validate_pipeline()
@@ -703,6 +626,8 @@ def _repr(value: Any) -> str:
 
 
 def _jsonable_container(value: Any, active: set[int]) -> Any:
+    from pydantic import BaseModel
+
     if isinstance(value, dict):
         return {
             (k if isinstance(k, str) else str(jsonable(k, active))): jsonable(v, active)
@@ -839,6 +764,7 @@ def probe_pipeline(pipeline: PipelineDefinition, initial_input: Any) -> dict[str
 
 def _probe_main() -> None:
     """Entry point of the fresh interpreter ``doctor`` starts (spec and input on stdin)."""
+    from ._journal import InputSpec
     from ._loader import load_pipeline
 
     request = json.loads(sys.stdin.read())

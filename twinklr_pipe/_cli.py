@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -26,6 +26,7 @@ from ._admin import (
     accept_stage,
     delete_entries,
     doctor,
+    entries_text,
     entry_to_dict,
     find_entry,
     format_bytes,
@@ -40,18 +41,17 @@ from ._admin import (
     result_to_dict,
     select_entries,
 )
-from ._definition import PipelineDefinition
-from ._journal import (
-    InputSpec,
-    JournalledRun,
-    RunRecord,
-    entries_used_by_recent_runs,
-    list_runs,
-    load_run,
-    run_journalled,
-)
-from ._loader import absolute_spec, load_pipeline
 from .errors import DefinitionError, PipeError
+
+if TYPE_CHECKING:
+    from ._definition import PipelineDefinition
+    from ._journal import InputSpec, RunRecord
+
+# Start-up time matters here: ``pipe`` is a short-lived process, and shell completion
+# runs it at every TAB. So this module imports only typer and the light ``_admin``; the
+# loader (pipeline models), the journal (anyio, pydantic), the executor and the live
+# view are imported by the commands that use them. ``pipe cache ls`` over 100,000
+# entries answers in well under a second (scripts/bench_cli_cache_ls.py).
 
 __all__ = ["app", "main"]
 
@@ -201,6 +201,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _input_spec(value: str | None, file: Path | None, path: Path | None) -> InputSpec:
+    from ._journal import InputSpec
+
     given = [
         name
         for name, v in (("--input", value), ("--input-file", file), ("--input-path", path))
@@ -295,6 +297,7 @@ def _execute(
 ) -> NoReturn:
     from ._executor import PipelineExecutor
     from ._graph import topological_order
+    from ._journal import JournalledRun, run_journalled
     from ._live import LiveView
 
     runner = _dask_runner(dask) if dask is not None else None
@@ -387,6 +390,8 @@ def run(
 
       pipe run pipelines/song.py:pipeline --input-path song.wav --dask local:2
     """
+    from ._loader import absolute_spec, load_pipeline
+
     _setup_logging(verbose)
     pipeline, context = load_pipeline(spec)
     forced = list(force or [])
@@ -431,6 +436,9 @@ def resume(
 
       pipe runs ls && pipe resume r-2025
     """
+    from ._journal import load_run
+    from ._loader import load_pipeline
+
     _setup_logging(verbose)
     cache_dir = cache_dir.absolute()
     record = load_run(cache_dir, run_id)
@@ -489,6 +497,7 @@ def plan(
 
       pipe plan myproject.pipes:build --input '{"bpm": 120}' --json
     """
+    from ._loader import load_pipeline
     from ._plan import plan_run
     from .cache._store import MemoryStore
 
@@ -548,6 +557,8 @@ def graph(
 
       pipe graph pipelines/song.py:pipeline --format dot | dot -Tsvg > graph.svg
     """
+    from ._loader import load_pipeline
+
     pipeline, _ = load_pipeline(spec)
     _out(_parse(lambda f: graph_text(pipeline, f), fmt, "--format"))
 
@@ -576,6 +587,8 @@ def doctor_cmd(
 
       pipe doctor myproject.pipes:build --input '{"bpm": 120}'
     """
+    from ._loader import load_pipeline
+
     _setup_logging(False)
     pipeline, _ = load_pipeline(spec)
     _check(pipeline, [])
@@ -637,16 +650,25 @@ def cache_ls(
     """
     store = open_store(cache_dir, create=False)
     try:
-        entries = _parse(
-            lambda s: list_entries(store, stage=stage, pipeline=pipeline, sort=s), sort, "--sort"
-        )
+        if json_out:
+            entries = _parse(
+                lambda s: list_entries(store, stage=stage, pipeline=pipeline, sort=s),
+                sort,
+                "--sort",
+            )
+        else:  # the same table as format_entries(list_entries(...)), built column-wise
+            text = _parse(
+                lambda s: entries_text(store, stage=stage, pipeline=pipeline, sort=s),
+                sort,
+                "--sort",
+            )
     finally:
         if store is not None:
             store.close()
     if json_out:
         _out(json.dumps([entry_to_dict(m) for m in entries]))
     else:
-        _out(format_entries(entries))
+        _out(text)
 
 
 @cache_app.command("show", no_args_is_help=True)
@@ -772,6 +794,8 @@ def cache_gc(
 
       pipe cache gc --older-than 30d --keep-runs 3 --dry-run
     """
+    from ._journal import entries_used_by_recent_runs
+
     limit = _parse(parse_size, max_size, "--max-size")
     age = _parse(parse_duration, older_than, "--older-than")
     if limit is None and age is None:
@@ -816,6 +840,8 @@ def cache_accept(
 
       pipe cache accept pipelines/song.py:pipeline macro
     """
+    from ._loader import load_pipeline
+
     pipeline, _ = load_pipeline(spec)
     store = open_store(cache_dir, create=False)
     if store is None:
@@ -855,6 +881,8 @@ def runs_ls(json_out: JsonOut = False, cache_dir: CacheDir = Path(DEFAULT_CACHE_
 
       pipe runs ls --json
     """
+    from ._journal import list_runs
+
     runs = list_runs(cache_dir)
     if json_out:
         _out(json.dumps([_run_dict(r) for r in runs], indent=2))
@@ -892,6 +920,8 @@ def runs_show(
 
       pipe runs show r-20250101T120000-1a2b3c
     """
+    from ._journal import load_run
+
     r = load_run(cache_dir, run_id)
     value = json.dumps(r.input.value) if r.input.kind != "none" else ""
     lines = [

@@ -505,6 +505,27 @@ class TestDiskIntegrity:
             '[1,"0","p","s","i","v",0,null,"c",1,1.0,1.0,1.0,"r"]',  # a field of a wrong type
             '[1,"0","p","s","i","v",false,null,"c",1,1.0,1.0,1.0,"r"] ',  # trailing text
             '[2,"0","p","s","i","v",false,null,"c",1,1.0,1.0,1.0,"r"]',  # a later layout
+            # Format 2 (text): the same damage, and each field's own.
+            "2\x1f" + KEY + "\x1f0\x1fp",  # too short
+            "2\x1f"
+            + KEY
+            + "\x1fzz\x1fp\x1fs\x1fi\x1fv\x1f0\x1f\x1fc\x1f1\x1f1.0\x1f1.0\x1f1.0\x1fr",
+            "2\x1f"
+            + KEY
+            + "\x1f0\x1fp\x1fs\x1fi\x1fv\x1fno\x1f\x1fc\x1f1\x1f1.0\x1f1.0\x1f1.0\x1fr",
+            "2\x1f"
+            + KEY
+            + "\x1f0\x1fp\x1fs\x1fi\x1fv\x1f0\x1f1.5\x1fc\x1f1\x1f1.0\x1f1.0\x1f1.0\x1fr",
+            "2\x1f"
+            + KEY
+            + "\x1f0\x1fp\x1fs\x1fi\x1fv\x1f0\x1f\x1fc\x1f1.0\x1f1.0\x1f1.0\x1f1.0\x1fr",
+            "2\x1f" + KEY + "\x1f0\x1fp\x1fs\x1fi\x1fv\x1f0\x1f\x1fc\x1f1\x1fx\x1f1.0\x1f1.0\x1fr",
+            "2\x1f"
+            + KEY
+            + "\x1f0\x1fp\x1fs\x1fi\x1fv\x1f0\x1f\x1fc\x1f1\x1f1.0\x1f1.0\x1f1.0\x1fr\x1fx",
+            b"2\x1f"
+            + KEY.encode()
+            + b"\x1f0\x1fp\xff\x1fs\x1fi\x1fv\x1f0\x1f\x1fc\x1f1\x1f1.0\x1f1.0\x1f1.0\x1fr",
         ],
     )
     def test_entries_without_a_usable_summary_list_from_their_metadata(
@@ -521,6 +542,63 @@ class TestDiskIntegrity:
             meta.entry_id: 70.0,
             other.entry_id: 60.0,
         }
+
+    def test_summaries_are_text_unless_a_field_holds_the_separator(
+        self, disk: DiskCacheStore
+    ) -> None:
+        """``put`` writes a format 2 (text) summary, or format 1 (JSON) when a string
+        holds the separator; both read back exactly, odd floats included."""
+        text = put(disk, key="a" * 32)
+        odd = EntryMeta(
+            key="b" * 32,
+            stage_id="we\x1fird",
+            item_index=0,
+            version_is_source_hash=True,
+            size_bytes=1,
+            created_at=0.1,
+            last_used_at=1e300,
+            compute_duration_ms=1.5e-7,
+        )
+        disk.put(odd, b"z")
+        third = meta_for(b"q", key="c" * 32).model_copy(
+            update={"created_at": -0.0, "compute_duration_ms": 5e-324, "item_index": 12}
+        )
+        disk.put(third, b"q")
+        tags = {
+            key[2:]: tag
+            for key, tag in _store._connection(disk._cache).execute(
+                "SELECT key, tag FROM Cache WHERE key LIKE 'm/%'"
+            )
+        }
+        assert tags[text.entry_id].startswith("2\x1f" + text.key + "\x1f0\x1f")
+        assert tags[third.entry_id].startswith("2\x1f")
+        assert json.loads(tags[odd.entry_id])[:5] == [1, odd.key, "0", "", "we\x1fird"]
+        expected = sorted(EntrySummary.of(m) for m in disk.iter_metadata())
+        assert sorted(disk.iter_summaries()) == expected
+        for summary in disk.iter_summaries():
+            assert [type(v) for v in summary] == [
+                type(v) for v in EntrySummary.of(disk.get_meta(summary.entry_id))
+            ]
+
+    def test_a_store_with_both_formats_and_damage_lists_every_entry(
+        self, disk: DiskCacheStore
+    ) -> None:
+        """A store written before format 2 (JSON summaries), in part, with rows without or
+        with a damaged summary, lists every entry as its metadata says, column-wise too."""
+        metas = [put(disk, key=f"{i:032x}", used=100.0 + i) for i in range(12)]
+        for meta in metas[:5]:  # written by an older version: format 1
+            tag = _store._json_summary_tag(meta)
+            raw_sql(disk, "UPDATE Cache SET tag = ? WHERE key = ?", (tag, "m/" + meta.entry_id))
+        raw_sql(disk, "UPDATE Cache SET tag = NULL WHERE key = ?", ("m/" + metas[5].entry_id,))
+        raw_sql(disk, "UPDATE Cache SET tag = '2' WHERE key = ?", ("m/" + metas[6].entry_id,))
+        raw_sql(disk, "UPDATE Cache SET tag = '[1]' WHERE key = ?", ("m/" + metas[1].entry_id,))
+        disk.touch([metas[0].entry_id, metas[8].entry_id], 5000.0)
+        expected = sorted(EntrySummary.of(m) for m in disk.iter_metadata())
+        assert len(expected) == 12
+        assert sorted(disk.iter_summaries()) == expected
+        columns = disk._summary_columns()
+        assert sorted(zip(*columns, strict=True)) == expected
+        assert {s.entry_id: s.last_used_at for s in expected}[metas[8].entry_id] == 5000.0
 
     def test_unreadable_metadata_without_summary_is_skipped_with_a_warning(
         self, disk: DiskCacheStore, warnings_: pytest.LogCaptureFixture

@@ -635,6 +635,10 @@ def _preload() -> None:
     import anyio.to_thread  # noqa: F401
 
     import twinklr_pipe._cli
+    import twinklr_pipe._executor
+    import twinklr_pipe._journal
+    import twinklr_pipe._live
+    import twinklr_pipe._loader
     import twinklr_pipe.cache._codec
     import twinklr_pipe.cache._keys
     import twinklr_pipe.cache._runtime

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ._summary import EntrySummary as EntrySummary
 
 __all__ = ["CacheStore", "EntryMeta", "EntrySummary", "entry_id"]
 
@@ -61,41 +63,6 @@ class EntryMeta(BaseModel):
     @property
     def entry_id(self) -> str:
         return entry_id(self.key, self.variant)
-
-
-class EntrySummary(NamedTuple):
-    """The fields of an entry that listing, ``cache clear`` and ``cache gc`` need.
-
-    A light ``EntryMeta`` (no input hashes, configuration, metrics or state), so that
-    ``pipe cache ls`` can list 100,000 entries in well under a second. Stores that
-    have it return these from ``iter_summaries()``; ``EntrySummary.of(meta)`` makes
-    one from full metadata.
-    """
-
-    key: str
-    variant: str
-    pipeline: str
-    stage_id: str
-    stage_identity: str
-    version: str
-    version_is_source_hash: bool
-    item_index: int | None
-    codec: str
-    size_bytes: int
-    created_at: float
-    last_used_at: float
-    compute_duration_ms: float
-    run_id: str
-
-    @property
-    def entry_id(self) -> str:
-        """``key.variant``, the id the entry is stored under."""
-        return f"{self.key}.{self.variant}"
-
-    @classmethod
-    def of(cls, meta: EntryMeta) -> EntrySummary:
-        """The summary of a full metadata record."""
-        return cls(*(getattr(meta, name) for name in cls._fields))
 
 
 @runtime_checkable
