@@ -1605,8 +1605,10 @@ class DiskCacheStore:
         Raises:
             TypeError, ValueError, StoreError: as ``put``.
         """
+        if self._live is None:
+            return False  # damaged or closed: ``put`` raises the StoreError that says so
         limit = self._disk.min_file_size
-        if len(payload) >= limit or len(payload) + _META_ROOM >= limit:
+        if len(payload) + _META_ROOM >= limit:
             return False
         return self._put(meta, payload, wait=False)
 
@@ -1748,13 +1750,10 @@ class DiskCacheStore:
             TypeError, ValueError: as ``put``.
             StoreError: the log cannot be created or written (disk full...).
         """
+        if self._live is None or self._log_off or os.getpid() != self._pid:
+            return False  # damaged or closed (``put`` says so), or not ours to append to
         limit = self._disk.min_file_size
-        if (
-            self._log_off
-            or self._live is None
-            or os.getpid() != self._pid
-            or len(payload) + _META_ROOM >= limit
-        ):
+        if len(payload) + _META_ROOM >= limit:
             return False
         meta = _checked_for_put(meta, payload)
         data = _dump_meta(meta)
