@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import gc
 import json
 import logging
@@ -281,8 +282,15 @@ _HEAD_JSON: Final = (
     + ", ".join(f"'$.{name}'" for name in EntryHead._fields)
     + ")"
 )
-_HEAD: Final = TypeAdapter(EntryHead)
-_HEADS: Final = TypeAdapter(list[EntryHead])
+
+
+@functools.cache
+def _head_adapters() -> tuple[TypeAdapter[EntryHead], TypeAdapter[list[EntryHead]]]:
+    """Validators of one head and of a list of heads, built on first use (not at import:
+    ``pipe cache ls`` never needs them)."""
+    return TypeAdapter(EntryHead), TypeAdapter(list[EntryHead])
+
+
 # ``_hit_candidates``: a key's metadata rows, each with its head, its last use and its
 # payload (small inline values only; NULL otherwise, or without a payload row).
 _CANDIDATES_SQL: Final = (
@@ -486,15 +494,16 @@ def _heads(
     if not rows:
         return []
     heads: list[EntryHead | None]
+    one, many = _head_adapters()
     try:
-        heads = list(_HEADS.validate_json("[" + ",".join(r[2] or "null" for r in rows) + "]"))
+        heads = list(many.validate_json("[" + ",".join(r[2] or "null" for r in rows) + "]"))
     except ValidationError:
         if not skip:
             return None
         heads = []
         for row in rows:
             try:
-                heads.append(_HEAD.validate_json(row[2] or "null"))
+                heads.append(one.validate_json(row[2] or "null"))
             except ValidationError:
                 heads.append(None)
     found: list[tuple[EntryHead, bytes]] = []
