@@ -593,6 +593,38 @@ class TestWarmUp:
         store.close()
 
 
+class TestKnownKeys:
+    async def test_keys_absent_at_the_start_are_not_looked_up(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With few entries, a run reads the store's keys once and looks up only those
+        (and what it stores itself); with many, it looks every key up."""
+        from twinklr_pipe.cache import _runtime
+
+        log = Log()
+        store = DiskCacheStore(tmp_path / "cache")
+        stages = [StageDefinition("a", Step("a", log))]
+        stages += [StageDefinition(f"s{i}", Step(f"s{i}", log), inputs=["a"]) for i in range(3)]
+        looked_up: list[str] = []
+        real = store._hit_candidates
+
+        def counting(key: str) -> Any:
+            looked_up.append(key)
+            return real(key)
+
+        monkeypatch.setattr(store, "_hit_candidates", counting)
+        await run(stages, 1, store=store)
+        assert len(log.take()) == 4 and looked_up == []  # an empty store: nothing to ask
+        await run(stages[:1], 2, store=store)  # a new input: one new key, not looked up
+        assert log.take() == ["a"] and looked_up == []
+
+        monkeypatch.setattr(_runtime, "_KNOWN_KEYS_LIMIT", 0)  # "many entries"
+        again = await run(stages, 3, store=store)
+        assert len(log.take()) == 4 and len(looked_up) == 4  # every miss asked
+        assert len(again.executed) == 4
+        store.close()
+
+
 class TestLockedDatabase:
     async def test_entries_are_stored_while_another_connection_holds_the_lock(
         self, tmp_path: Path

@@ -36,6 +36,9 @@ logger = logging.getLogger("twinklr_pipe")
 #: Payloads larger than this are read in a worker thread, not on the event loop.
 _INLINE_READ_BYTES = 1 << 20
 
+#: ``known_keys`` is read at the start of a run when the store holds fewer entries.
+_KNOWN_KEYS_LIMIT = 50_000
+
 #: Worker threads that may wait at once for cross-process key locks (``dedupe``).
 _LOCK_WAITERS = 16
 
@@ -140,6 +143,8 @@ class CacheRuntime:
         self._warm_ids: list[str] = []
         #: Entry ids this run served or stored, in order (``remember_run``).
         self._used_ids: list[str] = []
+        #: The keys the store held at the start (with few entries), plus those stored since.
+        self._known: set[str] | None = None
         self.hits = 0
         self.stored = 0
         self.saved_ms = 0.0
@@ -196,6 +201,8 @@ class CacheRuntime:
         state = context.state
         refused: set[str] = set()  # entries judged unusable: not judged (nor warned) twice
         warm = self._warm.pop(key, None) if self._warm else None
+        if warm is None and inline and self._known is not None and key not in self._known:
+            return None  # not in the store when the run started, nor stored by it since
         if warm is not None:
             # Read at the start of the run (the entries the last run used); nothing usable
             # among them: ask the database below.
@@ -430,6 +437,8 @@ class CacheRuntime:
             return value_digest, None
         self.stored += 1
         self._used_ids.append(entry.entry_id)
+        if self._known is not None:
+            self._known.add(entry.key)
         return value_digest, entry.entry_id
 
     def _entry_meta(
@@ -527,10 +536,19 @@ class CacheRuntime:
     # -- end of run -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Read what the last run of this pipeline used (``DiskCacheStore.warm_up``)."""
-        if isinstance(self.store, DiskCacheStore):
-            self._warm = await anyio.to_thread.run_sync(self.store.warm_up, self.pipeline)
+        """Read what the last run of this pipeline used (``DiskCacheStore.warm_up``), and
+        which keys the store holds when it holds few (``DiskCacheStore.known_keys``)."""
+        store = self.store
+        if isinstance(store, DiskCacheStore):
+            self._warm, known = await anyio.to_thread.run_sync(self._start, store)
             self._warm_ids = [h.entry_id for found in self._warm.values() for h, _ in found]
+            # With ``dedupe``, a key another process is computing must be waited for.
+            self._known = None if self.dedupe else known
+
+    def _start(
+        self, store: DiskCacheStore
+    ) -> tuple[dict[str, list[tuple[EntryHead, bytes]]], set[str] | None]:
+        return store.warm_up(self.pipeline), store.known_keys(_KNOWN_KEYS_LIMIT)
 
     async def finish(self) -> None:
         """Store what waits in the pending log, record which entries this run used."""

@@ -175,6 +175,14 @@ _SIZE_SQL: Final = (
     f" FROM Cache WHERE +key >= '{_PAYLOAD}' AND +key < '{_PAYLOAD_END}' AND raw = 1"
 )
 _FILENAMES_SQL: Final = "SELECT filename FROM Cache WHERE key IN (?, ?) AND raw = 1"
+# diskcache's count of the rows of the Cache table (kept by its triggers).
+_ROW_COUNT_SQL: Final = "SELECT value FROM Settings WHERE key = 'count'"
+# The key of every metadata row (an index-only scan), for keys without a dot (the
+# executor's: hex digests).
+_KEYS_SQL: Final = (
+    f"SELECT DISTINCT substr(key, 3, instr(substr(key, 3), '.') - 1) FROM Cache"
+    f" WHERE key >= '{_META}' AND key < '{_META_END}' AND raw = 1"
+)
 # Which of a JSON array of keys have any row (metadata or payload, any variant).
 _TAKEN_SQL: Final = (
     "SELECT DISTINCT j.value FROM json_each(?1) AS j JOIN Cache AS c"
@@ -1741,6 +1749,30 @@ class DiskCacheStore:
                 break
             warm.setdefault(head.key, []).append((head, payload))
         return warm
+
+    def known_keys(self, limit: int) -> set[str] | None:
+        """The keys of every stored entry (waiting ones included), if there are few.
+
+        One scan of the key index; None when the store holds more than about ``limit``
+        entries (diskcache's row count says so without a scan), or on any error. A run
+        skips the lookup of a key that is not among them: it is a miss unless another
+        process stored it since, and then computing it again is harmless.
+        """
+        cache = self._reader()
+        if cache is None:
+            return None
+        try:
+            con = _connection(cache)
+            (rows,) = con.execute(_ROW_COUNT_SQL).fetchone() or (None,)
+            if type(rows) is not int or rows > 2 * limit:
+                return None
+            keys = {key for (key,) in con.execute(_KEYS_SQL)}
+        except sqlite3.Error:
+            return None
+        if self._pending:
+            with self._pending_lock:
+                keys.update(self._pending_keys)
+        return keys
 
     # -- pending entries (see ``_pending``) ----------------------------------------
 
