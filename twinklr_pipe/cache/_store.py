@@ -198,6 +198,13 @@ _UPDATE_SQL: Final = (
     "UPDATE Cache SET store_time = ?, expire_time = NULL, access_time = ?, access_count = 0,"
     " tag = ?, size = ?, mode = ?, filename = ?, value = ? WHERE rowid = ?"
 )
+_INSERT_MANY_SQL: Final = (
+    "INSERT INTO Cache(key, raw, store_time, expire_time, access_time, access_count, tag,"
+    " size, mode, filename, value) VALUES "
+)
+_INSERT_VALUES: Final = "(?, 1, ?, NULL, ?, 0, ?, ?, ?, ?, ?)"
+#: 8 parameters a row: well under SQLite's limit of 32,766 per statement.
+_ROWS_PER_INSERT: Final = 500
 _INSERT_SQL: Final = (
     "INSERT INTO Cache(key, raw, store_time, expire_time, access_time, access_count, tag,"
     " size, mode, filename, value) VALUES (?, 1, ?, NULL, ?, 0, ?, ?, ?, ?, ?)"
@@ -2220,8 +2227,17 @@ def _fresh_rows(
 
 
 def _insert_rows(con: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
-    """Insert new rows (inside a transaction): the batch path of ``_write_row``."""
-    con.executemany(_INSERT_SQL, rows)
+    """Insert new rows (inside a transaction): the batch path of ``_write_row``.
+
+    Up to ``_ROWS_PER_INSERT`` rows per statement: ``executemany`` would step once per
+    row, handing the GIL back and forth with the event loop's thread each time.
+    """
+    for start in range(0, len(rows), _ROWS_PER_INSERT):
+        chunk = rows[start : start + _ROWS_PER_INSERT]
+        con.execute(
+            _INSERT_MANY_SQL + ",".join([_INSERT_VALUES] * len(chunk)),
+            [value for row in chunk for value in row],
+        )
 
 
 def _delete_rows(con: sqlite3.Connection, entry: str, old_files: list[str | None]) -> bool:
