@@ -17,7 +17,7 @@ Layout of a ``DiskCacheStore`` directory::
 One entry is two rows of diskcache's ``Cache`` table, written in one transaction::
 
     m/<key>.<variant>    value: the EntryMeta as JSON bytes
-                         tag: the entry's summary, one short line of text (``_summary_tag``)
+                         tag: the entry's summary, one short line of text (``_tags``)
                          access_time: when the entry was last used (see below)
     p/<key>.<variant>    value: the payload bytes
 
@@ -44,11 +44,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import gc
 import json
 import logging
-import operator
 import os
 import re
 import sqlite3
@@ -56,17 +54,34 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import chain, compress, repeat
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 import diskcache
 import xxhash
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from twinklr_pipe.cache._entry import CACHE_FORMAT_VERSION, EntryMeta, EntrySummary
+from twinklr_pipe.cache._heads import _CANDIDATES_SQL, _WARM_SQL, EntryHead, _heads
+from twinklr_pipe.cache._layout import META as _META
+from twinklr_pipe.cache._layout import META_END as _META_END
+from twinklr_pipe.cache._layout import MODE_BINARY as _MODE_BINARY
+from twinklr_pipe.cache._layout import MODE_RAW as _MODE_RAW
+from twinklr_pipe.cache._layout import PAYLOAD as _PAYLOAD
+from twinklr_pipe.cache._layout import PAYLOAD_END as _PAYLOAD_END
+from twinklr_pipe.cache._layout import PREFETCH_BYTES as _PREFETCH_BYTES
+from twinklr_pipe.cache._layout import WARM as _WARM
+from twinklr_pipe.cache._layout import WARM_BYTES as _WARM_BYTES
+from twinklr_pipe.cache._layout import WARM_MAX as _WARM_MAX
 from twinklr_pipe.cache._pending import PendingLog, claim_orphans, encode_record, parse_records
+from twinklr_pipe.cache._tags import (
+    _columns_of,
+    _json_summary_tag,  # noqa: F401  # tests reach it here
+    _parse_summaries,
+    _summary_rows,
+    _summary_tag,
+)
 from twinklr_pipe.errors import CacheFormatError, StoreError
 
 __all__ = ["DiskCacheStore", "EntryHead", "MemoryStore"]
@@ -76,16 +91,6 @@ _log = logging.getLogger("twinklr_pipe")
 #: A key keeps at most this many variants; ``put`` drops the least recently used.
 MAX_VARIANTS: Final = 4
 
-_META: Final = "m/"
-_PAYLOAD: Final = "p/"
-#: ``w/<xxh3 of a pipeline name>``: the entry ids its last run used (``remember_run``).
-_WARM: Final = "w/"
-#: Entry ids a warm set holds at most, and payload bytes ``warm_up`` keeps in memory.
-_WARM_MAX: Final = 20_000
-_WARM_BYTES: Final = 32 << 20
-#: Upper bounds of the two key ranges: "0" is the character after "/".
-_META_END: Final = "m0"
-_PAYLOAD_END: Final = "p0"
 
 _MARKER_NAME: Final = "FORMAT"
 _LIBRARY: Final = "twinklr_pipe"
@@ -107,8 +112,6 @@ _META_ROOM: Final = 4096
 #: Metadata rows read per query by ``iter_metadata``.
 _PAGE_ROWS: Final = 2000
 
-_MODE_RAW: Final = 1  # diskcache.core.MODE_RAW: bytes inline in the ``value`` column
-_MODE_BINARY: Final = 2  # diskcache.core.MODE_BINARY: bytes in a file named by ``filename``
 
 #: diskcache settings; they are stored in cache.db and re-applied on every open.
 _DISKCACHE_SETTINGS: Final[dict[str, Any]] = {
@@ -150,8 +153,6 @@ _RANGE_SQL: Final = (
     "SELECT key, mode, filename, value, access_time FROM Cache"
     " WHERE key >= ? AND key < ? AND raw = 1"
 )
-#: Inline payloads up to this size are read along with ``variants`` (see ``_Prefetch``).
-_PREFETCH_BYTES: Final = 8192
 #: How long a prefetched payload may serve ``get`` (seconds).
 _PREFETCH_SECONDS: Final = 1.0
 # A key's metadata rows, then its payload rows (small inline values only), in one snapshot.
@@ -227,29 +228,6 @@ _UNSUMMARIZED_SQL: Final = (
     f" WHERE +key >= '{_META}' AND +key < '{_META_END}' AND raw = 1"
 )
 _UNSUMMARIZED_BY_KEY: Final = 1000
-#: First field of a summary tag: its layout (see ``_summary_tag``). Format 2 is text, the
-#: fields joined by ``_SUMMARY_SEPARATOR``; format 1, a JSON array, is still read (stores
-#: written before format 2 hold it) and written when a field contains the separator.
-_SUMMARY_FORMAT: Final = 2
-_JSON_SUMMARY_FORMAT: Final = 1
-#: ASCII "unit separator": never in the names, versions and ids a summary holds.
-_SUMMARY_SEPARATOR: Final = "\x1f"
-_TEXT_SUMMARY_START: Final = f"{_SUMMARY_FORMAT}{_SUMMARY_SEPARATOR}".encode()
-#: ``version_is_source_hash`` in a format 2 tag.
-_SUMMARY_FLAGS: Final = {"0": False, "1": True}
-#: Python types of a decoded format 1 tag's elements (item_index may be null).
-_SUMMARY_TYPES: Final = frozenset(
-    (int, str, str, str, str, str, str, bool, index, str, int, float, float, float, str)
-    for index in (type(None), int)
-)
-#: The same, per element (``_parse_json_columns`` checks a column at a time).
-_SUMMARY_COLUMN_TYPES: Final = tuple(
-    frozenset(types) for types in zip(*_SUMMARY_TYPES, strict=True)
-)
-#: Fields of a summary tag (both formats): the format, then ``EntrySummary``'s fields.
-_SUMMARY_LENGTH: Final = 15
-#: Index of ``last_used_at`` in a summary tag.
-_SUMMARY_USED: Final = 12
 # A healthy database answers these without touching much of the file; a zeroed or
 # truncated one fails here, at open, rather than in the middle of a run.
 _PROBE_SQL: Final = (
@@ -261,68 +239,6 @@ _PROBE_SQL: Final = (
 #: (key, mode, filename, value, access_time) of a row of diskcache's ``Cache`` table.
 _Row = tuple[str, int, str | None, Any, Any]
 _Columns = tuple[int, int, str | None, Any]
-
-
-class EntryHead(NamedTuple):
-    """The fields of an entry's metadata that serving a hit needs.
-
-    Extracted from the metadata JSON by SQLite (``json_extract``) and validated as one
-    array, several times faster than decoding the whole ``EntryMeta``: the executor's
-    hot path (``_hit_candidates``, ``warm_up``) uses it. Everything else reads full
-    ``EntryMeta``. A record missing one of these fields fails validation, and its key
-    takes the full path.
-    """
-
-    key: str
-    variant: str
-    output_hash: str
-    codec: str
-    payload_checksum: str
-    size_bytes: int
-    created_at: float
-    last_used_at: float
-    compute_duration_ms: float
-    metrics: dict[str, Any]
-    state_reads: dict[str, str]
-    state_writes: dict[str, Any]
-
-    @property
-    def entry_id(self) -> str:
-        return f"{self.key}.{self.variant}"
-
-
-#: SQL: the ``EntryHead`` fields of the metadata row ``m`` as a JSON array.
-_HEAD_JSON: Final = (
-    "json_extract(CAST(m.value AS TEXT), "
-    + ", ".join(f"'$.{name}'" for name in EntryHead._fields)
-    + ")"
-)
-
-
-@functools.cache
-def _head_adapters() -> tuple[TypeAdapter[EntryHead], TypeAdapter[list[EntryHead]]]:
-    """Validators of one head and of a list of heads, built on first use (not at import:
-    ``pipe cache ls`` never needs them)."""
-    return TypeAdapter(EntryHead), TypeAdapter(list[EntryHead])
-
-
-# ``_hit_candidates``: a key's metadata rows, each with its head, its last use and its
-# payload (small inline values only; NULL otherwise, or without a payload row).
-_CANDIDATES_SQL: Final = (
-    f"SELECT m.key, m.mode, {_HEAD_JSON}, m.access_time,"
-    f" CASE WHEN p.mode = {_MODE_RAW} AND length(p.value) <= {_PREFETCH_BYTES}"
-    " THEN p.value END"
-    f" FROM Cache AS m LEFT JOIN Cache AS p ON p.key = '{_PAYLOAD}' || substr(m.key, 3)"
-    " AND p.raw = 1 WHERE m.key >= ?1 AND m.key < ?2 AND m.raw = 1"
-)
-# ``warm_up``: the same for a JSON array of entry ids, one index lookup per id and row.
-_WARM_SQL: Final = (
-    f"SELECT m.key, m.mode, {_HEAD_JSON}, m.access_time,"
-    f" CASE WHEN p.mode = {_MODE_RAW} AND length(p.value) <= {_PREFETCH_BYTES}"
-    " THEN p.value END"
-    f" FROM json_each(?1) AS j JOIN Cache AS m ON m.key = '{_META}' || j.value AND m.raw = 1"
-    f" JOIN Cache AS p ON p.key = '{_PAYLOAD}' || j.value AND p.raw = 1"
-)
 
 
 class _CorruptRow(Exception):
@@ -426,282 +342,6 @@ def _connection(cache: diskcache.Cache) -> sqlite3.Connection:
 
 def _dump_meta(meta: EntryMeta) -> bytes:
     return EntryMeta.__pydantic_serializer__.to_json(meta)
-
-
-def _summary_tag(meta: EntryMeta) -> str:
-    """The summary stored in the ``tag`` column of an entry's metadata row.
-
-    Format 2: ``2``, then the ``EntrySummary`` fields in order, joined by
-    ``_SUMMARY_SEPARATOR``: strings as they are, ``version_is_source_hash`` as ``1`` or
-    ``0``, ``item_index`` empty when None, numbers as ``str``/``repr`` (floats read back
-    exactly). Splitting 100,000 of them joined is several times cheaper than parsing
-    JSON. An entry whose strings contain the separator gets a format 1 tag (JSON). It is
-    written with the metadata, in the same row.
-    """
-    strings = (
-        meta.key,
-        meta.variant,
-        meta.pipeline,
-        meta.stage_id,
-        meta.stage_identity,
-        meta.version,
-        meta.codec,
-        meta.run_id,
-    )
-    if any(_SUMMARY_SEPARATOR in text for text in strings):
-        return _json_summary_tag(meta)
-    return _SUMMARY_SEPARATOR.join(
-        (
-            str(_SUMMARY_FORMAT),
-            meta.key,
-            meta.variant,
-            meta.pipeline,
-            meta.stage_id,
-            meta.stage_identity,
-            meta.version,
-            "1" if meta.version_is_source_hash else "0",
-            "" if meta.item_index is None else str(meta.item_index),
-            meta.codec,
-            str(meta.size_bytes),
-            repr(float(meta.created_at)),
-            repr(float(meta.last_used_at)),
-            repr(float(meta.compute_duration_ms)),
-            meta.run_id,
-        )
-    )
-
-
-def _json_summary_tag(meta: EntryMeta) -> str:
-    """A format 1 summary tag: a JSON array, ``_JSON_SUMMARY_FORMAT`` then the fields."""
-    return json.dumps(
-        [
-            _JSON_SUMMARY_FORMAT,
-            meta.key,
-            meta.variant,
-            meta.pipeline,
-            meta.stage_id,
-            meta.stage_identity,
-            meta.version,
-            meta.version_is_source_hash,
-            meta.item_index,
-            meta.codec,
-            meta.size_bytes,
-            float(meta.created_at),
-            float(meta.last_used_at),
-            float(meta.compute_duration_ms),
-            meta.run_id,
-        ],
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
-
-
-def _heads(
-    rows: list[Any], key: str | None, *, skip: bool = False
-) -> list[tuple[EntryHead, bytes]] | None:
-    """Validate ``_CANDIDATES_SQL``/``_WARM_SQL`` rows into ``(head, payload)`` pairs.
-
-    Rows of another key than ``key`` (when given) are left out: "k.a.b" is variant "a.b"
-    of "k", or variant "b" of "k.a". Any unusual row (not inline, a head that does not
-    validate or belongs to another entry, a payload missing, large or failing its
-    checksum) makes the answer None, or with ``skip``, is left out.
-    """
-    if not rows:
-        return []
-    heads: list[EntryHead | None]
-    one, many = _head_adapters()
-    try:
-        heads = list(many.validate_json("[" + ",".join(r[2] or "null" for r in rows) + "]"))
-    except ValidationError:
-        if not skip:
-            return None
-        heads = []
-        for row in rows:
-            try:
-                heads.append(one.validate_json(row[2] or "null"))
-            except ValidationError:
-                heads.append(None)
-    found: list[tuple[EntryHead, bytes]] = []
-    for row, head in zip(rows, heads, strict=True):
-        if head is not None and key is not None and head.key != key:
-            continue
-        payload = row[4]
-        if (
-            head is None
-            or row[1] != _MODE_RAW
-            or row[0][2:] != f"{head.key}.{head.variant}"
-            or type(payload) is not bytes
-            or xxhash.xxh3_128_hexdigest(payload) != head.payload_checksum
-        ):
-            if skip:
-                continue
-            return None
-        used = row[3]
-        if type(used) is float and used > head.last_used_at:
-            head = head._replace(last_used_at=used)
-        found.append((head, payload))
-    return found
-
-
-def _parse_summary(row_key: str, tag: bytes | None, used: Any) -> EntrySummary | None:
-    """The summary in the tag of metadata row ``row_key``, or None if it is unusable."""
-    if tag is None:
-        return None
-    if tag.startswith(_TEXT_SUMMARY_START):
-        columns = _parse_text_columns([row_key], [tag], [used])
-        return None if columns is None else EntrySummary._make(column[0] for column in columns)
-    try:
-        fields = json.loads(tag)
-    except ValueError:
-        return None
-    if type(fields) is not list or tuple(map(type, fields)) not in _SUMMARY_TYPES:
-        return None
-    if fields[0] != _JSON_SUMMARY_FORMAT or row_key != f"{_META}{fields[1]}.{fields[2]}":
-        return None
-    if type(used) is float and used > fields[_SUMMARY_USED]:
-        fields[_SUMMARY_USED] = used
-    return EntrySummary._make(fields[1:])
-
-
-def _parse_summaries(
-    row_keys: Sequence[str], tags: Sequence[bytes | None], used: Sequence[Any]
-) -> tuple[list[Sequence[Any]], list[str]]:
-    """The summary columns of the metadata rows whose tag is usable, and the others' keys.
-
-    The columns are ``EntrySummary``'s fields in order, one sequence of values each
-    (``_summary_columns``). Tags of each format are parsed all at once (``_parse_text_columns``,
-    ``_parse_json_columns``); if that fails, one row at a time, to find the unusable ones.
-    """
-    try:
-        text = list(map(bytes.startswith, tags, repeat(_TEXT_SUMMARY_START)))  # type: ignore[arg-type]
-    except TypeError:  # a row without a tag
-        text = [type(tag) is bytes and tag.startswith(_TEXT_SUMMARY_START) for tag in tags]
-    if all(text):
-        groups = [(row_keys, tags, used, _parse_text_columns)]
-    elif not any(text):
-        groups = [(row_keys, tags, used, _parse_json_columns)]
-    else:  # a store written before format 2, in part
-        other = list(map(operator.not_, text))
-        groups = [
-            (
-                list(compress(row_keys, mask)),
-                list(compress(tags, mask)),
-                list(compress(used, mask)),
-                parse,
-            )
-            for mask, parse in ((text, _parse_text_columns), (other, _parse_json_columns))
-        ]
-    parts: list[list[Sequence[Any]]] = []
-    odd: list[str] = []
-    for keys, group_tags, group_used, parse in groups:
-        columns = parse(keys, group_tags, group_used)
-        if columns is None:  # one row at a time, to find the unusable ones
-            rows = []
-            for row_key, tag, at in zip(keys, group_tags, group_used, strict=True):
-                found = _parse_summary(row_key, tag, at)
-                if found is None:
-                    odd.append(row_key)
-                else:
-                    rows.append(found)
-            columns = _columns_of(rows)
-        parts.append(columns)
-    return _joined(parts), odd
-
-
-def _parse_text_columns(
-    row_keys: Sequence[str], tags: Sequence[bytes | None], used: Sequence[Any]
-) -> list[Sequence[Any]] | None:
-    """Format 2 tags, all at once, as summary columns, or None if any is unusable.
-
-    Each tag must hold exactly ``_SUMMARY_LENGTH`` fields (counted per tag), so the tags
-    joined by the separator split into fields in step; then a column is every
-    ``_SUMMARY_LENGTH``-th field, and the checks and conversions run in C loops.
-    """
-    count = len(row_keys)
-    if not count:
-        return _columns_of([])
-    separator = _SUMMARY_SEPARATOR.encode()
-    try:
-        if list(map(bytes.count, tags, repeat(separator))).count(_SUMMARY_LENGTH - 1) != count:  # type: ignore[arg-type]
-            return None
-        fields = separator.join(tags).decode("utf-8").split(_SUMMARY_SEPARATOR)  # type: ignore[arg-type]
-    except (TypeError, UnicodeDecodeError):
-        return None
-    columns: list[Any] = [fields[i::_SUMMARY_LENGTH] for i in range(_SUMMARY_LENGTH)]
-    del fields
-    if columns[0].count(str(_SUMMARY_FORMAT)) != count:
-        return None
-    if list(map(f"{_META}{{}}.{{}}".format, columns[1], columns[2])) != list(row_keys):
-        return None
-    if not all(map(float.__instancecheck__, used)):
-        return None
-    try:
-        columns[7] = list(map(_SUMMARY_FLAGS.__getitem__, columns[7]))
-        indices = {text: int(text) if text else None for text in set(columns[8])}
-        columns[8] = list(map(indices.__getitem__, columns[8]))
-        columns[10] = list(map(int, columns[10]))
-        for i in (11, 12, 13):
-            columns[i] = list(map(float, columns[i]))
-    except (KeyError, ValueError):
-        return None
-    columns[_SUMMARY_USED] = list(map(max, columns[_SUMMARY_USED], used))
-    return columns[1:]
-
-
-def _parse_json_columns(
-    row_keys: Sequence[str], tags: Sequence[bytes | None], used: Sequence[Any]
-) -> list[Sequence[Any]] | None:
-    """Format 1 tags, all at once, as summary columns, or None if any is unusable.
-
-    The tags are parsed as one JSON array, ``[`` + tags joined by ``,\\n`` + ``]``, and
-    the checks run in C loops. Each tag is proven to be exactly one element: a string
-    cannot span a separator (``json`` rejects raw newlines in strings), every tag starts
-    with ``[``, every element must be a flat array of the summary's types (so each ``[``
-    outside strings opens one), and there must be exactly one element per row.
-    """
-    try:
-        if not all(map(bytes.startswith, tags, repeat(b"["))):  # type: ignore[arg-type]
-            return None
-        values = json.loads(b"[" + b",\n".join(tags) + b"]")  # type: ignore[arg-type]
-    except (TypeError, ValueError):  # TypeError: a row without a tag
-        return None
-    if len(values) != len(row_keys):
-        return None
-    if not values:
-        return _columns_of([])
-    if set(map(type, values)) != {list} or set(map(len, values)) != {_SUMMARY_LENGTH}:
-        return None
-    columns: list[Sequence[Any]] = list(zip(*values, strict=True))  # one tuple per field
-    for column, allowed in zip(columns, _SUMMARY_COLUMN_TYPES, strict=True):
-        if not set(map(type, column)) <= allowed:
-            return None
-    if columns[0].count(_JSON_SUMMARY_FORMAT) != len(values):
-        return None
-    if list(map(f"{_META}{{}}.{{}}".format, columns[1], columns[2])) != list(row_keys):
-        return None
-    if not all(map(float.__instancecheck__, used)):
-        return None
-    columns[_SUMMARY_USED] = tuple(map(max, columns[_SUMMARY_USED], used))
-    return columns[1:]
-
-
-def _summary_rows(columns: Sequence[Sequence[Any]]) -> list[EntrySummary]:
-    """The ``EntrySummary`` rows of summary columns (``_summary_columns``)."""
-    return list(map(tuple.__new__, repeat(EntrySummary), zip(*columns, strict=True)))
-
-
-def _columns_of(rows: Sequence[EntrySummary]) -> list[Sequence[Any]]:
-    """Summary columns of ``EntrySummary`` rows (the inverse of ``_summary_rows``)."""
-    if not rows:
-        return [() for _ in EntrySummary._fields]
-    return list(zip(*rows, strict=True))
-
-
-def _joined(parts: Sequence[Sequence[Sequence[Any]]]) -> list[Sequence[Any]]:
-    """Summary columns holding the rows of each of ``parts`` in turn."""
-    if len(parts) == 1:
-        return list(parts[0])
-    return [list(chain.from_iterable(columns)) for columns in zip(*parts, strict=True)]
 
 
 def _used_at(meta: EntryMeta, used: Any) -> EntryMeta:
