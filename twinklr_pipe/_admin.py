@@ -266,7 +266,7 @@ def entries_text(
     """What ``pipe cache ls`` prints: ``format_entries(list_entries(store, ...))``.
 
     The same table, built straight from the store's columns (``_listing``), without one
-    object per entry: the command lists 100,000 entries in well under a second.
+    object per entry (``scripts/bench_cli_cache_ls.py`` measures it on 100,000 entries).
 
     Raises:
         ValueError: unknown sort.

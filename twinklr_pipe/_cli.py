@@ -50,8 +50,8 @@ if TYPE_CHECKING:
 # Start-up time matters here: ``pipe`` is a short-lived process, and shell completion
 # runs it at every TAB. So this module imports only typer and the light ``_admin``; the
 # loader (pipeline models), the journal (anyio, pydantic), the executor and the live
-# view are imported by the commands that use them. ``pipe cache ls`` over 100,000
-# entries answers in well under a second (scripts/bench_cli_cache_ls.py).
+# view are imported by the commands that use them (``pipe cache ls`` over 100,000
+# entries: scripts/bench_cli_cache_ls.py).
 
 __all__ = ["app", "main"]
 

@@ -1,7 +1,7 @@
 """The listing of ``pipe cache ls``: entries filtered, sorted and formatted column by column.
 
-``pipe cache ls`` over 100,000 entries must answer in under a second, interpreter start
-included (``scripts/bench_cli_cache_ls.py``). One Python object per entry, or one
+``pipe cache ls`` over 100,000 entries should answer in under a second, interpreter start
+included (``scripts/bench_cli_cache_ls.py`` measures it). One Python object per entry, or one
 ``str.format`` per row, costs too much, so the listing works on columns: the store hands
 over every entry's summary as one sequence per ``EntrySummary`` field
 (``DiskCacheStore._summary_columns`` reads them with one query), the filters and the sort

@@ -18,7 +18,7 @@ class EntrySummary(NamedTuple):
     """The fields of an entry that listing, ``cache clear`` and ``cache gc`` need.
 
     A light ``EntryMeta`` (no input hashes, configuration, metrics or state), so that
-    ``pipe cache ls`` can list 100,000 entries in well under a second. Stores that
+    ``pipe cache ls`` can list 100,000 entries without decoding them. Stores that
     have it return these from ``iter_summaries()``; ``EntrySummary.of(meta)`` makes
     one from full metadata.
     """
