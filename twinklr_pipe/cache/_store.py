@@ -102,7 +102,7 @@ _LOCKS_NAME: Final = "locks"
 #: ``put_pending``: entries held in memory at most (beyond, it declines), and the count
 #: at which the background thread is woken at once rather than after ``_FLUSH_EVERY``.
 _PENDING_MAX: Final = 4096
-_FLUSH_AT: Final = 512
+_FLUSH_AT: Final = 64
 #: Seconds between two batches of the background thread.
 _FLUSH_EVERY: Final = 0.1
 
