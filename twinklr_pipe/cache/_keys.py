@@ -12,9 +12,8 @@ fanned input's hash replaced by the item's fingerprint.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import xxhash
 
@@ -31,9 +30,12 @@ from ._identity import (
 __all__ = ["StageParts", "compute_key", "stage_parts"]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class StageParts:
-    """Everything about a stage that goes into its key, apart from its inputs."""
+class StageParts(NamedTuple):
+    """Everything about a stage that goes into its key, apart from its inputs.
+
+    A NamedTuple rather than a frozen dataclass: one is built per stage and per run, and
+    a frozen dataclass's ``__init__`` costs several times more.
+    """
 
     identity: str
     version: str
