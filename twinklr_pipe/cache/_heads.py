@@ -115,7 +115,7 @@ def _heads(
         if (
             head is None
             or row[1] != _MODE_RAW
-            or row[0][2:] != f"{head.key}.{head.variant}"
+            or row[0][2:] != head.entry_id
             or type(payload) is not bytes
             or xxhash.xxh3_128_hexdigest(payload) != head.payload_checksum
         ):

@@ -381,7 +381,7 @@ def _checked_for_put(meta: EntryMeta, payload: bytes) -> EntryMeta:
     return meta.model_copy(update=updates) if updates else meta
 
 
-def _recency(meta: EntryMeta) -> tuple[float, float, str]:
+def _recency(meta: EntryMeta | EntryHead) -> tuple[float, float, str]:
     return (meta.last_used_at, meta.created_at, meta.variant)
 
 
@@ -1056,8 +1056,7 @@ class DiskCacheStore:
             return None  # a record that is not JSON, among others
         found = _heads(rows, key)
         if found is not None and len(found) > 1:
-            found.sort(key=lambda hp: (hp[0].last_used_at, hp[0].created_at, hp[0].variant))
-            found.reverse()
+            found.sort(key=lambda hp: _recency(hp[0]), reverse=True)
         return found
 
     def iter_metadata(self) -> Iterator[EntryMeta]:
@@ -1295,21 +1294,9 @@ class DiskCacheStore:
                 with self._transaction(cache, wait) as con:
                     if con is None:
                         return False  # the write lock is taken: the caller waits in a thread
-                    now = time.time()
-                    # First: the key's other variants over the cap go, and whether this
-                    # entry is new is known (then its rows are inserted without a lookup).
-                    new = not self._drop_old_variants(con, meta, old_files)
-                    _write_row(
-                        con,
-                        _META + entry,
-                        meta_columns,
-                        now,
-                        old_files,
-                        _summary_tag(meta),
-                        meta.last_used_at,
-                        new=new,
+                    self._write_entry(
+                        con, meta, meta_columns, payload_columns, time.time(), old_files
                     )
-                    _write_row(con, _PAYLOAD + entry, payload_columns, now, old_files, new=new)
                 committed = True
             finally:
                 if not committed:
@@ -1541,32 +1528,55 @@ class DiskCacheStore:
                 for meta, _, _ in items:
                     counts[meta.key] = counts.get(meta.key, 0) + 1
                 taken = {key for (key,) in con.execute(_TAKEN_SQL, (json.dumps(list(counts)),))}
-                fresh = [i for i in items if counts[i[0].key] == 1 and i[0].key not in taken]
+                fresh: list[tuple[EntryMeta, bytes, bytes]] = []
+                others: list[tuple[EntryMeta, bytes, bytes]] = []
+                for item in items:
+                    key = item[0].key
+                    (fresh if counts[key] == 1 and key not in taken else others).append(item)
                 # In small chunks: the statements hand the GIL over while SQLite works, so
                 # the event loop's thread never waits long for this one.
                 for start in range(0, len(fresh), _ROWS_PER_INSERT // 2):
                     _insert_rows(
                         con, _fresh_rows(fresh[start : start + _ROWS_PER_INSERT // 2], now)
                     )
-                for meta, data, payload in items:
-                    if counts[meta.key] == 1 and meta.key not in taken:
-                        continue
-                    entry = meta.entry_id
-                    new = not self._drop_old_variants(con, meta, old_files)
-                    _write_row(
+                for meta, data, payload in others:
+                    self._write_entry(
                         con,
-                        _META + entry,
+                        meta,
                         self._disk.store(data, False),
+                        self._disk.store(payload, False),
                         now,
                         old_files,
-                        _summary_tag(meta),
-                        meta.last_used_at,
-                        new=new,
-                    )
-                    _write_row(
-                        con, _PAYLOAD + entry, self._disk.store(payload, False), now, old_files
                     )
             self._remove_files(old_files)
+
+    def _write_entry(
+        self,
+        con: sqlite3.Connection,
+        meta: EntryMeta,
+        meta_columns: _Columns,
+        payload_columns: _Columns,
+        now: float,
+        old_files: list[str | None],
+    ) -> None:
+        """Within a write transaction: both rows of one entry, as ``put`` writes them.
+
+        First the key's other variants over the cap go, and whether this entry is new is
+        known (then its rows are inserted without a lookup).
+        """
+        entry = meta.entry_id
+        new = not self._drop_old_variants(con, meta, old_files)
+        _write_row(
+            con,
+            _META + entry,
+            meta_columns,
+            now,
+            old_files,
+            _summary_tag(meta),
+            meta.last_used_at,
+            new=new,
+        )
+        _write_row(con, _PAYLOAD + entry, payload_columns, now, old_files, new=new)
 
     def _flush_loop(self) -> None:
         """The background thread: a batch every ``_FLUSH_EVERY`` seconds, or when woken.
