@@ -1,24 +1,29 @@
 """Benchmark: ``pipe cache ls`` over a store of 100,000 entries (target: under 1 s).
 
 Builds a ``DiskCacheStore`` with N entries (default 100,000) in a temporary
-directory, in one SQLite transaction (``put`` commits once per entry, which would
-take minutes), then measures, in one run:
+directory, as the store writes pending entries (``_write_batch``: batches of one
+transaction; ``put`` commits once per entry, which would take minutes), then measures,
+in one run:
 
 1. a real ``pipe cache ls`` subprocess (``python -m twinklr_pipe``), interpreter start
    and imports included, its output going to a pipe that is drained: the target;
-2. its start-up alone: ``pipe --version``, and ``pipe cache ls`` on an empty cache
-   (imports, typer's option parsing, opening the store);
-3. the listing alone, in process: reading the summaries into columns
-   (``DiskCacheStore._summary_columns``) and ordering them (``listing_order``);
-4. the formatting alone: ``format_columns`` of the ordered columns;
+2. its start-up alone: ``pipe --version``, and ``pipe cache ls`` on an empty cache;
+3. reading the ``Summaries`` table without opening the store (``cache._quick``, what
+   the command does), and the command through typer and an opened store (``_cli.main``:
+   what it does when the quick path declines), for comparison;
+4. the listing in process through the store: reading the summaries into columns
+   (``DiskCacheStore._summary_columns``) and ordering them (``listing_order``), then the
+   formatting alone (``format_columns``);
 5. the library calls ``list_entries`` + ``format_entries`` (one ``EntrySummary`` per
    entry), the command in process (typer's ``CliRunner``), ``cache ls --json``, and
    ``sorted(store.iter_metadata())`` (every record decoded) for comparison.
 
 Subprocesses run without ``PYTHONDONTWRITEBYTECODE``, so that, as on any installed
 copy, they load cached bytecode (the first run writes it; best-of-N keeps the others):
-compiling the package's sources at every start would add ~0.2 s. ``--json-tags``
-builds a store whose summaries are in format 1 (JSON), as written before format 2.
+compiling the package's sources at every start would add ~0.2 s. ``--json-tags`` builds
+a store as a version before summaries format 2 and the ``Summaries`` table wrote it
+(JSON tags, no table): the first listing reads the tags and adds the table (printed
+apart), the next ones read the table.
 
 The machine's speed is printed too (a fixed Python loop); figures scale with it.
 
@@ -38,15 +43,19 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import xxhash
 
 from twinklr_pipe._admin import format_entries, list_entries, open_store
 from twinklr_pipe._listing import TABLE_FIELDS, format_columns, listing_order, take
 from twinklr_pipe.cache._entry import EntryMeta
+from twinklr_pipe.cache._quick import summary_columns
 from twinklr_pipe.cache._store import DiskCacheStore
 
 TARGET_S = 1.0
+#: ``pipe`` through typer (``_cli.main``), skipping ``_main``'s quick path.
+_TYPER_MAIN = "import sys; from twinklr_pipe._cli import main; sys.argv[0] = 'pipe'; main()"
 #: The calibration loop's CPU time on the reference machine (figures are quoted there).
 REFERENCE_CALIBRATION_S = 0.57
 
@@ -84,46 +93,35 @@ def build_store(directory: Path, entries: int, json_tags: bool = False) -> None:
             run_id="r-20250101T000000-abcdef",
         )
         rows.append((meta, payload))
-    try:
-        _bulk_insert(store, rows, json_tags)
-    except AttributeError:  # the store's internals changed: the slow, public way
-        for meta, payload in rows:
-            store.put(meta, payload)
+    _bulk_insert(store, rows, json_tags)
     store.close()
 
 
 def _bulk_insert(
     store: DiskCacheStore, rows: list[tuple[EntryMeta, bytes]], json_tags: bool
 ) -> None:
+    """Write the entries as the store writes pending ones: batches of one transaction.
+
+    ``json_tags``: as a version before summaries format 2 and the ``Summaries`` table wrote
+    them (format 1 tags; the table is dropped afterwards).
+    """
+    from twinklr_pipe.cache import _layout
     from twinklr_pipe.cache import _store as internals
 
-    cache = store._cache  # private: one transaction for the whole build
-    assert cache is not None
-    con = internals._connection(cache)
-    now = time.time()
-    summary_tag = internals._json_summary_tag if json_tags else internals._summary_tag
-    with cache.transact():
-        for meta, payload in rows:
-            meta = internals._checked_for_put(meta, payload)
-            data = internals._dump_meta(meta)
-            # As ``put`` writes them: the metadata row carries the summary and last use.
-            for prefix, blob, tag, used in (
-                (internals._META, data, summary_tag(meta), meta.last_used_at),
-                (internals._PAYLOAD, payload, None, now),
-            ):
-                con.execute(
-                    internals._INSERT_SQL,
-                    (
-                        prefix + meta.entry_id,
-                        now,
-                        used,
-                        tag,
-                        len(blob),
-                        internals._MODE_RAW,
-                        None,
-                        blob,
-                    ),
-                )
+    items = []
+    for meta, payload in rows:
+        meta = internals._checked_for_put(meta, payload)
+        items.append((meta, internals._dump_meta(meta), payload))
+    tags = getattr(internals, "_json_summary_tag" if json_tags else "_summary_tag")
+    with mock.patch.object(internals, "_summary_tag", tags):
+        for start in range(0, len(items), 5000):
+            store._write_batch(items[start : start + 5000])
+    if json_tags:
+        cache = store._cache
+        assert cache is not None
+        with cache.transact():
+            for statement in _layout.SUMMARIES_DROP_SQL:
+                internals._connection(cache).execute(statement)
 
 
 def best_of(repeat: int, fn: Callable[[], object]) -> tuple[float, float]:
@@ -182,6 +180,20 @@ def main() -> None:
             )
             assert proc.stdout.count(b"\n") == args.entries + 2
 
+        def typer_ls() -> None:
+            # The command through typer and an opened store, as when the quick path declines.
+            proc = subprocess.run(
+                [sys.executable, "-c", _TYPER_MAIN, "cache", "ls", "--cache-dir", str(cache_dir)],
+                capture_output=True,
+                check=True,
+                env=env,
+            )
+            assert proc.stdout.count(b"\n") == args.entries + 2
+
+        def quick_read() -> None:
+            columns = summary_columns(cache_dir.absolute(), TABLE_FIELDS)
+            assert columns is not None, "the quick path declined this store"
+
         def version() -> None:
             subprocess.run([*pipe, "--version"], capture_output=True, check=True, env=env)
 
@@ -238,12 +250,20 @@ def main() -> None:
 
         before = calibration()
         repeat = args.repeat
+        if args.json_tags:
+            first = best_of(1, subprocess_ls)
+            print(
+                f"first pipe cache ls (reads the tags, adds the Summaries table): "
+                f"{first[0] * 1000:.1f} ms"
+            )
         target = best_of(repeat, subprocess_ls)
         figures = [
             ("pipe cache ls, subprocess (the target)", target),
             ("  start-up: pipe --version", best_of(repeat, version)),
             ("  start-up: pipe cache ls, empty cache", best_of(repeat, empty_ls)),
-            ("  listing: read columns + order", best_of(repeat, listing)),
+            ("  reading: the Summaries table (_quick)", best_of(repeat, quick_read)),
+            ("  the same through typer and the store", best_of(repeat, typer_ls)),
+            ("  listing: read columns + order (store)", best_of(repeat, listing)),
             ("  formatting: format_columns", best_of(repeat, formatting)),
             ("list_entries + format_entries (library)", best_of(repeat, library)),
             ("pipe cache ls, in process (CliRunner)", best_of(repeat, command)),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._cli import main
+from ._main import main
 
 __all__: list[str] = []
 

@@ -33,8 +33,10 @@ from ._listing import (
     format_columns,
     listing_order,
     rows_of,
+    table_text,
     take,
 )
+from .cache._layout import DEFAULT_CACHE_DIR as DEFAULT_CACHE_DIR
 from .cache._summary import EntrySummary
 from .errors import CacheError, FingerprintError, SpecError, StoreError
 
@@ -77,8 +79,6 @@ __all__ = [
     "select_entries",
 ]
 
-#: The cache directory when neither ``--cache-dir`` nor ``TWINKLR_PIPE_CACHE_DIR`` is given.
-DEFAULT_CACHE_DIR = ".twinklr-cache"
 
 # -- the store -----------------------------------------------------------------------------
 
@@ -273,11 +273,7 @@ def entries_text(
     """
     if sort not in SORTS:
         raise ValueError(f"invalid sort '{sort}'; use created, used or size")
-    columns = entry_columns(store)
-    order = listing_order(columns, stage=stage, pipeline=pipeline, sort=sort)
-    table = take([columns[field] for field in TABLE_FIELDS], order)
-    del columns  # the fields the table does not show: their memory serves the formatting
-    return format_columns(table)
+    return table_text(entry_columns(store), stage=stage, pipeline=pipeline, sort=sort)
 
 
 def entry_to_dict(meta: _EntryLike) -> dict[str, Any]:

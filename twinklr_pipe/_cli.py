@@ -41,6 +41,7 @@ from ._admin import (
     result_to_dict,
     select_entries,
 )
+from .cache._layout import CACHE_DIR_ENV
 from .errors import DefinitionError, PipeError
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ CacheDir = Annotated[
     Path,
     typer.Option(
         "--cache-dir",
-        envvar="TWINKLR_PIPE_CACHE_DIR",
+        envvar=CACHE_DIR_ENV,
         help=f"Cache directory (else $TWINKLR_PIPE_CACHE_DIR, else ./{DEFAULT_CACHE_DIR}).",
         show_default=False,
     ),

@@ -40,6 +40,7 @@ __all__ = [
     "gc_paused",
     "listing_order",
     "rows_of",
+    "table_text",
     "take",
 ]
 
@@ -205,6 +206,23 @@ def take(columns: Iterable[Sequence[Any]], order: list[int]) -> list[Sequence[An
 # -- the text table -------------------------------------------------------------------
 
 
+def table_text(
+    columns: Columns,
+    *,
+    stage: str | None = None,
+    pipeline: str | None = None,
+    sort: str = "created",
+) -> str:
+    """The text table of ``pipe cache ls``: the entries of ``columns`` (``entry_columns``)
+    matching the filters, in ``listing_order``.
+
+    Raises:
+        ValueError: unknown sort.
+    """
+    order = listing_order(columns, stage=stage, pipeline=pipeline, sort=sort)
+    return format_columns(take([columns[field] for field in TABLE_FIELDS], order))
+
+
 def format_columns(columns: Columns) -> str:
     """The text table of ``pipe cache ls``: a header, one row per entry and a footer.
 
@@ -229,13 +247,20 @@ def _format_columns(
     used: Sequence[float],
 ) -> str:
     count = len(key)
-    keys = [k[:12] if v == "0" else f"{k[:12]}.{v[:4]}" for k, v in zip(key, variant, strict=True)]
-    stages = [s if i is None else f"{s}[{i}]" for s, i in zip(stage, index, strict=True)]
-    versions = [v[:12] if h else v for v, h in zip(version, is_hash, strict=True)]
+    # The usual cases (no variants, no fan-out items, no source hashes) skip a loop each.
+    keys: Sequence[str] = [k[:12] for k in key]
+    if variant.count("0") != count:
+        keys = [k if v == "0" else f"{k}.{v[:4]}" for k, v in zip(keys, variant, strict=True)]
+    stages: Sequence[str] = stage
+    if index.count(None) != count:
+        stages = [s if i is None else f"{s}[{i}]" for s, i in zip(stage, index, strict=True)]
+    versions: Sequence[str] = version
+    if any(is_hash):
+        versions = [v[:12] if h else v for v, h in zip(version, is_hash, strict=True)]
     # Sizes and minutes repeat: each distinct one is formatted (and padded) once.
-    size_text = {n: f"{n} B" if n < 1024 else format_bytes(n) for n in set(size)}
-    created_ids = list(_minute_ids(created))
-    used_ids = list(_minute_ids(used))
+    size_text = {n: format_bytes(n) for n in set(size)}
+    created_ids = list(map(operator.floordiv, created, repeat(60)))
+    used_ids = list(map(operator.floordiv, used, repeat(60)))
     created_set = set(created_ids)
     minutes = _minutes_text(created_set, used_ids)
     strings = (keys, pipeline, stages, versions)
@@ -245,9 +270,7 @@ def _format_columns(
     ]
     w.append(max([len(_HEADER[4]), *map(len, size_text.values())]))
     w.append(max([len(_HEADER[5]), *(len(minutes[m]) for m in created_set)]))
-    padded = [
-        list(map(str.ljust, col, repeat(width))) for col, width in zip(strings, w, strict=False)
-    ]
+    padded = [_padded(col, width) for col, width in zip(strings, w, strict=False)]
     sized = {n: text.rjust(w[4]) for n, text in size_text.items()}
     padded.append(list(map(sized.__getitem__, size)))
     created_text = {m: minutes[m].ljust(w[5]) for m in created_set}
@@ -269,14 +292,20 @@ def _format_columns(
     return "\n".join([title, *body, footer])
 
 
-def _minute_ids(timestamps: Iterable[float]) -> Iterator[int]:
-    """``int(t // 60)`` of each timestamp, in C loops."""
-    return map(int, map(operator.floordiv, timestamps, itertools.repeat(60)))
+def _padded(column: Sequence[str], width: int) -> Sequence[str]:
+    """``column``'s strings left-justified to ``width``; each distinct one padded once."""
+    if min(map(len, column), default=width) == width:
+        return column  # all of the width already
+    distinct = set(column)
+    if len(distinct) * 4 > len(column):
+        return list(map(str.ljust, column, repeat(width)))
+    text = {value: value.ljust(width) for value in distinct}
+    return list(map(text.__getitem__, column))
 
 
-def _minutes_text(*columns: Iterable[int]) -> dict[int, str]:
-    """Local ``YYYY-MM-DD HH:MM`` of every minute id (``_minute_ids``) given (0: ``-``)."""
-    found: set[int] = set()
+def _minutes_text(*columns: Iterable[float]) -> dict[float, str]:
+    """Local ``YYYY-MM-DD HH:MM`` of every minute (``timestamp // 60``) given (0: ``-``)."""
+    found: set[float] = set()
     for column in columns:
         found.update(column)
     return {

@@ -716,8 +716,9 @@ class TestDiskDamage:
         with DiskCacheStore(tmp_path / "c") as first:
             metas = [put(first, b"p" * 300, key=f"{index:032x}") for index in range(300)]
         db = tmp_path / "c" / "store" / "cache.db"
+        page = _leaf_page_of(db, "Cache")  # past the pages the probes read
         with open(db, "r+b") as handle:
-            handle.seek(4096 * 20)
+            handle.seek(4096 * (page - 1))
             handle.write(b"\xa5" * 4096)
         with DiskCacheStore(tmp_path / "c") as second:
             for meta in metas:  # every answer is right or a miss; none raises
@@ -1020,3 +1021,22 @@ class TestWarmUp:
         assert disk.warm_up("p") == {}
         raw_sql(disk, "UPDATE Cache SET value = X'7b' WHERE key LIKE 'w/%'")  # not JSON
         assert disk.warm_up("p") == {}
+
+
+def _leaf_page_of(db: Path, table: str) -> int:
+    """A leaf page of ``table`` in the middle of the SQLite file ``db`` (from ``dbstat``)."""
+    con = sqlite3.connect(db)
+    try:
+        pages = [
+            page
+            for (page,) in con.execute(
+                "SELECT pageno FROM dbstat WHERE name = ? AND pagetype = 'leaf' ORDER BY pageno",
+                (table,),
+            )
+        ]
+    except sqlite3.OperationalError:  # an SQLite built without the dbstat table
+        pytest.skip("this SQLite has no dbstat table")
+    finally:
+        con.close()
+    assert len(pages) > 4
+    return pages[len(pages) // 2]

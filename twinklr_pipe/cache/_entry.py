@@ -7,13 +7,10 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ._layout import CACHE_FORMAT_VERSION as CACHE_FORMAT_VERSION
 from ._summary import EntrySummary as EntrySummary
 
 __all__ = ["CacheStore", "EntryMeta", "EntrySummary", "entry_id"]
-
-#: Version of the key recipe and of the entry layout. Bump it (and regenerate
-#: ``.cache-example``) whenever keys or stored entries change meaning.
-CACHE_FORMAT_VERSION = 1
 
 
 def entry_id(key: str, variant: str) -> str:

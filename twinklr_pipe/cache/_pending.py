@@ -34,9 +34,10 @@ from typing import Final
 
 import xxhash
 
+from ._layout import PENDING_DIR
+
 __all__ = ["PendingLog", "claim_orphans", "encode_record", "parse_records"]
 
-PENDING_DIR: Final = "pending"
 _MAGIC: Final = b"TPE1"
 _HEAD: Final = struct.Struct("<4sIQ")
 _LENGTH: Final = struct.Struct("<I")

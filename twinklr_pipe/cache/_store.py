@@ -54,7 +54,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from operator import itemgetter
+from itertools import repeat
 from pathlib import Path
 from typing import Any, Final
 
@@ -62,8 +62,12 @@ import diskcache
 import xxhash
 from pydantic import ValidationError
 
-from twinklr_pipe.cache._entry import CACHE_FORMAT_VERSION, EntryMeta, EntrySummary
+from twinklr_pipe.cache._entry import EntryMeta, EntrySummary
 from twinklr_pipe.cache._heads import _CANDIDATES_SQL, _WARM_SQL, EntryHead, _heads
+from twinklr_pipe.cache._layout import CACHE_FORMAT_VERSION
+from twinklr_pipe.cache._layout import DAMAGED_NAME as _DAMAGED_NAME
+from twinklr_pipe.cache._layout import LIBRARY as _LIBRARY
+from twinklr_pipe.cache._layout import MARKER_NAME as _MARKER_NAME
 from twinklr_pipe.cache._layout import META as _META
 from twinklr_pipe.cache._layout import META_END as _META_END
 from twinklr_pipe.cache._layout import MODE_BINARY as _MODE_BINARY
@@ -71,16 +75,27 @@ from twinklr_pipe.cache._layout import MODE_RAW as _MODE_RAW
 from twinklr_pipe.cache._layout import PAYLOAD as _PAYLOAD
 from twinklr_pipe.cache._layout import PAYLOAD_END as _PAYLOAD_END
 from twinklr_pipe.cache._layout import PREFETCH_BYTES as _PREFETCH_BYTES
+from twinklr_pipe.cache._layout import PROBE_SQL as _PROBE_SQL
+from twinklr_pipe.cache._layout import STORE_LOCK_NAME as _STORE_LOCK_NAME
+from twinklr_pipe.cache._layout import STORE_NAME as _STORE_NAME
+from twinklr_pipe.cache._layout import SUMMARIES_CREATE_SQL as _SUMMARIES_CREATE_SQL
+from twinklr_pipe.cache._layout import SUMMARIES_DROP_SQL as _SUMMARIES_DROP_SQL
+from twinklr_pipe.cache._layout import SUMMARIES_FOUND_SQL as _SUMMARIES_FOUND_SQL
+from twinklr_pipe.cache._layout import SUMMARIES_INSERT_SQL as _SUMMARIES_INSERT_SQL
+from twinklr_pipe.cache._layout import SUMMARIES_OBJECTS as _SUMMARIES_OBJECTS
+from twinklr_pipe.cache._layout import SUMMARY_VALUES as _SUMMARY_VALUES
 from twinklr_pipe.cache._layout import WARM as _WARM
 from twinklr_pipe.cache._layout import WARM_BYTES as _WARM_BYTES
 from twinklr_pipe.cache._layout import WARM_MAX as _WARM_MAX
+from twinklr_pipe.cache._layout import marker_bytes as _marker_bytes
 from twinklr_pipe.cache._pending import PendingLog, claim_orphans, encode_record, parse_records
 from twinklr_pipe.cache._tags import (
     _columns_of,
     _json_summary_tag,  # noqa: F401  # tests reach it here
-    _parse_summaries,
+    _read_summaries,
     _summary_rows,
     _summary_tag,
+    _summary_values,
 )
 from twinklr_pipe.errors import CacheFormatError, StoreError
 
@@ -92,11 +107,6 @@ _log = logging.getLogger("twinklr_pipe")
 MAX_VARIANTS: Final = 4
 
 
-_MARKER_NAME: Final = "FORMAT"
-_LIBRARY: Final = "twinklr_pipe"
-_STORE_NAME: Final = "store"
-_STORE_LOCK_NAME: Final = "store.lock"
-_DAMAGED_NAME: Final = "DAMAGED"
 _LOCKS_NAME: Final = "locks"
 
 #: ``put_pending``: entries held in memory at most (beyond, it declines), and the count
@@ -214,13 +224,6 @@ _INSERT_SQL: Final = (
 _TOUCH_SQL: Final = (
     "UPDATE Cache SET access_time = max(coalesce(access_time, ?1), ?1) WHERE key = ?2 AND raw = 1"
 )
-# Every entry's summary (``iter_summaries``), by a scan of the table in rowid order
-# ("+key", as ``_PAGE_SQL``); the tag as bytes (text that is not UTF-8 must not fail
-# the query, only that row's summary).
-_SUMMARIES_SQL: Final = (
-    "SELECT key, CAST(tag AS BLOB), access_time FROM Cache"
-    f" WHERE +key >= '{_META}' AND +key < '{_META_END}' AND raw = 1"
-)
 # The metadata rows without a usable summary are decoded in full: by key when they are
 # few, else from one scan of every metadata row.
 _UNSUMMARIZED_SQL: Final = (
@@ -228,14 +231,6 @@ _UNSUMMARIZED_SQL: Final = (
     f" WHERE +key >= '{_META}' AND +key < '{_META_END}' AND raw = 1"
 )
 _UNSUMMARIZED_BY_KEY: Final = 1000
-# A healthy database answers these without touching much of the file; a zeroed or
-# truncated one fails here, at open, rather than in the middle of a run.
-_PROBE_SQL: Final = (
-    "SELECT COUNT(*) FROM Settings",
-    f"SELECT key, mode FROM Cache WHERE key >= '{_META}' AND raw = 1 ORDER BY key LIMIT 1",
-    "SELECT key, mode FROM Cache ORDER BY rowid DESC LIMIT 1",
-)
-
 #: (key, mode, filename, value, access_time) of a row of diskcache's ``Cache`` table.
 _Row = tuple[str, int, str | None, Any, Any]
 _Columns = tuple[int, int, str | None, Any]
@@ -594,9 +589,12 @@ class DiskCacheStore:
         self._flusher: threading.Thread | None = None
         self._wake = threading.Event()
         self._stopping = False
+        # Whether this database has the ``Summaries`` table: entries written then add a row.
+        self._has_summaries = False
         try:
             self.format_version = self._prepare_directory()
             self._open()
+            self._install_summaries()
             self._ingest_orphans()
         except (StoreError, CacheFormatError):
             self._release_store_lock()
@@ -702,6 +700,37 @@ class DiskCacheStore:
                 raise _DamagedDatabase(str(exc)) from exc
             raise
         return cache
+
+    def _install_summaries(self) -> None:
+        """Create and fill the ``Summaries`` table and its triggers, unless they all exist.
+
+        Once per database, in one transaction (a store of 100,000 entries written before
+        the table existed takes ~2 s). Best effort: a database locked or read-only
+        meanwhile works without it (listing reads the summary tags instead), and the next
+        open tries again.
+        """
+        cache = self._live
+        if cache is None:
+            return
+        con = _connection(cache)
+        complete = len(_SUMMARIES_OBJECTS)
+        try:
+            if con.execute(_SUMMARIES_FOUND_SQL, _SUMMARIES_OBJECTS).fetchone()[0] != complete:
+                with cache.transact():
+                    found = con.execute(_SUMMARIES_FOUND_SQL, _SUMMARIES_OBJECTS).fetchone()[0]
+                    if found != complete:  # else another process made it meanwhile
+                        for statement in (*_SUMMARIES_DROP_SQL, *_SUMMARIES_CREATE_SQL):
+                            con.execute(statement)
+                        columns = self._summary_columns()  # from the tags: no rows yet
+                        entries = map("{}{}.{}".format, repeat(_META), columns[0], columns[1])
+                        con.executemany(
+                            _SUMMARIES_INSERT_SQL + _SUMMARY_VALUES,
+                            zip(entries, *columns, strict=False),
+                        )
+            self._has_summaries = True
+        except (sqlite3.Error, diskcache.Timeout, StoreError) as exc:
+            _rollback(cache)
+            _log.debug("Cannot add the summaries table to %s: %s", self._store_dir, exc)
 
     def _recover(self, reason: str) -> None:
         """Move a damaged ``store/`` aside and open an empty one, if no one else uses it.
@@ -1150,15 +1179,9 @@ class DiskCacheStore:
         con = _connection(cache)
         with _gc_paused():
             try:
-                rows = con.execute(_SUMMARIES_SQL).fetchall()
+                columns, odd = _read_summaries(con)  # odd: keys without a usable summary
             except sqlite3.Error as exc:
                 raise self._scan_failed(exc, action) from exc
-            keys = list(map(itemgetter(0), rows))
-            tags = list(map(itemgetter(1), rows))
-            used = list(map(itemgetter(2), rows))
-            del rows
-            columns, odd = _parse_summaries(keys, tags, used)  # odd: no usable summary
-            del keys, tags, used
         if not odd:
             return columns
         try:
@@ -1536,9 +1559,10 @@ class DiskCacheStore:
                 # In small chunks: the statements hand the GIL over while SQLite works, so
                 # the event loop's thread never waits long for this one.
                 for start in range(0, len(fresh), _ROWS_PER_INSERT // 2):
-                    _insert_rows(
-                        con, _fresh_rows(fresh[start : start + _ROWS_PER_INSERT // 2], now)
-                    )
+                    chunk = fresh[start : start + _ROWS_PER_INSERT // 2]
+                    _insert_rows(con, _fresh_rows(chunk, now))
+                    if self._has_summaries:
+                        _insert_summaries(con, [meta for meta, _, _ in chunk])
                 for meta, data, payload in others:
                     self._write_entry(
                         con,
@@ -1576,6 +1600,8 @@ class DiskCacheStore:
             meta.last_used_at,
             new=new,
         )
+        if self._has_summaries:
+            con.execute(_SUMMARIES_INSERT_SQL + _SUMMARY_VALUES, _summary_values(meta))
         _write_row(con, _PAYLOAD + entry, payload_columns, now, old_files, new=new)
 
     def _flush_loop(self) -> None:
@@ -1894,6 +1920,15 @@ def _insert_rows(con: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
         )
 
 
+def _insert_summaries(con: sqlite3.Connection, metas: Sequence[EntryMeta]) -> None:
+    """Insert the ``Summaries`` rows of new entries (inside their transaction), in one statement."""
+    if metas:
+        con.execute(
+            _SUMMARIES_INSERT_SQL + ",".join([_SUMMARY_VALUES] * len(metas)),
+            [value for meta in metas for value in _summary_values(meta)],
+        )
+
+
 def _delete_rows(con: sqlite3.Connection, entry: str, old_files: list[str | None]) -> bool:
     keys = (_META + entry, _PAYLOAD + entry)
     names = [name for (name,) in con.execute(_FILENAMES_SQL, keys)]
@@ -1902,10 +1937,6 @@ def _delete_rows(con: sqlite3.Connection, entry: str, old_files: list[str | None
     old_files.extend(names)
     con.execute(_DELETE_SQL, keys)
     return True
-
-
-def _marker_bytes() -> bytes:
-    return json.dumps({"format": CACHE_FORMAT_VERSION, "library": _LIBRARY}).encode() + b"\n"
 
 
 def _parse_marker(raw: bytes) -> tuple[int | None, str | None]:

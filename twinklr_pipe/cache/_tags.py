@@ -9,14 +9,24 @@ from __future__ import annotations
 
 import json
 import operator
-from collections.abc import Sequence
+from array import array
+from collections.abc import Callable, Collection, Sequence
+from functools import partial
 from itertools import chain, compress, repeat
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Final
 
 from twinklr_pipe.cache._layout import META as _META
+from twinklr_pipe.cache._layout import SUMMARIES as _SUMMARIES
+from twinklr_pipe.cache._layout import SUMMARIES_COMPLETE_SQL as _SUMMARIES_COMPLETE_SQL
+from twinklr_pipe.cache._layout import SUMMARIES_FOUND_SQL as _SUMMARIES_FOUND_SQL
+from twinklr_pipe.cache._layout import SUMMARIES_OBJECTS as _SUMMARIES_OBJECTS
+from twinklr_pipe.cache._layout import TAGS_SQL as _TAGS_SQL
 from twinklr_pipe.cache._summary import EntrySummary
 
 if TYPE_CHECKING:
+    import sqlite3
+
     from twinklr_pipe.cache._entry import EntryMeta
 
 __all__: list[str] = []
@@ -40,6 +50,8 @@ _SUMMARY_TYPES: Final = frozenset(
 _SUMMARY_COLUMN_TYPES: Final = tuple(
     frozenset(types) for types in zip(*_SUMMARY_TYPES, strict=True)
 )
+#: Index of ``version_is_source_hash`` in the summary columns.
+_HASH_FLAG: Final = EntrySummary._fields.index("version_is_source_hash")
 #: Fields of a summary tag (both formats): the format, then ``EntrySummary``'s fields.
 _SUMMARY_LENGTH: Final = 15
 #: Index of ``last_used_at`` in a summary tag.
@@ -132,6 +144,114 @@ def _parse_summary(row_key: str, tag: bytes | None, used: Any) -> EntrySummary |
     if type(used) is float and used > fields[_SUMMARY_USED]:
         fields[_SUMMARY_USED] = used
     return EntrySummary._make(fields[1:])
+
+
+def _summary_values(meta: EntryMeta) -> tuple[Any, ...]:
+    """The ``Summaries`` row of an entry (``SUMMARY_VALUES``), as ``_read_summaries`` reads it back.
+
+    "Last used" is the metadata's: ``put`` writes it to ``access_time`` too.
+    """
+    return (
+        _META + meta.entry_id,
+        meta.key,
+        meta.variant,
+        meta.pipeline,
+        meta.stage_id,
+        meta.stage_identity,
+        meta.version,
+        meta.version_is_source_hash,
+        meta.item_index,
+        meta.codec,
+        meta.size_bytes,
+        float(meta.created_at),
+        float(meta.last_used_at),
+        float(meta.compute_duration_ms),
+        meta.run_id,
+    )
+
+
+def _read_summaries(con: sqlite3.Connection) -> tuple[list[Sequence[Any]], list[str]]:
+    """Every entry's summary in the database of ``con``, as ``_parse_summaries`` returns them.
+
+    The one place that reads summaries (``DiskCacheStore._summary_columns``, and ``_quick``
+    without a store): from the ``Summaries`` table when it is complete (see ``_layout``),
+    else from the tags of the metadata rows. The check and the read see one snapshot.
+
+    Raises:
+        sqlite3.Error: a query failed.
+    """
+    began = not con.in_transaction
+    if began:
+        con.execute("BEGIN")
+    try:
+        columns = _read_typed_summaries(con)
+        if columns is not None:
+            return columns, []
+        rows = con.execute(_TAGS_SQL).fetchall()
+    finally:
+        if began:
+            con.rollback()  # a read: nothing to keep
+    keys = list(map(itemgetter(0), rows))
+    tags = list(map(itemgetter(1), rows))
+    used = list(map(itemgetter(2), rows))
+    del rows
+    return _parse_summaries(keys, tags, used)
+
+
+def _read_typed_summaries(
+    con: sqlite3.Connection, fields: Collection[int] | None = None
+) -> list[Sequence[Any]] | None:
+    """The summary columns in the ``Summaries`` table, or None when it is not complete.
+
+    ``fields``: the indices of the ``EntrySummary`` fields to read (the others' columns
+    are None); all by default. Each column read is checked to hold values of its type
+    (a few milliseconds): what this library did not write makes it None, and the caller
+    reads the tags.
+
+    Raises:
+        sqlite3.Error: a query failed.
+    """
+    found = con.execute(_SUMMARIES_FOUND_SQL, _SUMMARIES_OBJECTS).fetchone()[0]
+    if found != len(_SUMMARIES_OBJECTS):
+        return None
+    if con.execute(_SUMMARIES_COMPLETE_SQL).fetchone()[0] != 1:
+        return None
+    wanted = sorted(range(len(EntrySummary._fields)) if fields is None else set(fields))
+    names = ", ".join(EntrySummary._fields[i] for i in wanted)
+    rows = con.execute(f"SELECT {names} FROM {_SUMMARIES}").fetchall()
+    columns: list[Any] = [None] * len(EntrySummary._fields)
+    for position, field in enumerate(wanted):
+        columns[field] = list(map(itemgetter(position), rows))
+    del rows
+    try:
+        for field in wanted:
+            _TYPED_CHECKS[field](columns[field])
+        if _HASH_FLAG in wanted:
+            columns[_HASH_FLAG] = list(map(_SQL_FLAGS.__getitem__, columns[_HASH_FLAG]))
+    except (TypeError, ValueError, KeyError, OverflowError):
+        return None  # not as this library writes them: read the tags
+    return columns
+
+
+def _check_index(column: Sequence[Any]) -> None:
+    if not set(map(type, column)) <= {int, type(None)}:
+        raise TypeError("item_index holds something else than int and None")
+
+
+#: Per summary field, a check of a column of its values read from SQLite (C loops: each
+#: raises TypeError or ValueError on a value of another type).
+_TYPED_CHECKS: Final[tuple[Callable[[Sequence[Any]], object], ...]] = tuple(
+    "".join
+    if types == {str}
+    else partial(array, "q")
+    if types in (frozenset({int}), frozenset({bool}))
+    else partial(array, "d")
+    if types == {float}
+    else _check_index
+    for types in _SUMMARY_COLUMN_TYPES[1:]
+)
+#: ``version_is_source_hash`` as SQLite returns it.
+_SQL_FLAGS: Final = {0: False, 1: True}
 
 
 def _parse_summaries(
