@@ -5,9 +5,10 @@ included (``scripts/bench_cli_cache_ls.py``). Opening a ``DiskCacheStore`` impor
 and pydantic (~0.2 s of the budget) and, being a writer, moves pending logs into the
 database and rebuilds damaged stores. ``summary_columns`` reads the ``Summaries`` table
 with the store's own code (``_tags._read_typed_summaries``), imports neither, and writes
-nothing; it answers only when the directory is plainly healthy and the table complete, and
-returns None otherwise, so that the caller opens the store, which deals with the rest (and
-says what it did).
+nothing (SQLite may create the ``-shm`` and an empty ``-wal`` file beside the database,
+as for any reader of a WAL database). It answers only when the directory is plainly
+healthy and the table complete, and returns None otherwise, so that the caller opens the
+store, which deals with the rest (and says what it did).
 """
 
 from __future__ import annotations

@@ -80,9 +80,7 @@ from twinklr_pipe.cache._layout import STORE_LOCK_NAME as _STORE_LOCK_NAME
 from twinklr_pipe.cache._layout import STORE_NAME as _STORE_NAME
 from twinklr_pipe.cache._layout import SUMMARIES_CREATE_SQL as _SUMMARIES_CREATE_SQL
 from twinklr_pipe.cache._layout import SUMMARIES_DROP_SQL as _SUMMARIES_DROP_SQL
-from twinklr_pipe.cache._layout import SUMMARIES_FOUND_SQL as _SUMMARIES_FOUND_SQL
 from twinklr_pipe.cache._layout import SUMMARIES_INSERT_SQL as _SUMMARIES_INSERT_SQL
-from twinklr_pipe.cache._layout import SUMMARIES_OBJECTS as _SUMMARIES_OBJECTS
 from twinklr_pipe.cache._layout import SUMMARY_VALUES as _SUMMARY_VALUES
 from twinklr_pipe.cache._layout import WARM as _WARM
 from twinklr_pipe.cache._layout import WARM_BYTES as _WARM_BYTES
@@ -93,6 +91,7 @@ from twinklr_pipe.cache._tags import (
     _columns_of,
     _json_summary_tag,  # noqa: F401  # tests reach it here
     _read_summaries,
+    _summaries_complete,
     _summary_rows,
     _summary_tag,
     _summary_values,
@@ -702,23 +701,22 @@ class DiskCacheStore:
         return cache
 
     def _install_summaries(self) -> None:
-        """Create and fill the ``Summaries`` table and its triggers, unless they all exist.
+        """Make the ``Summaries`` table and its triggers, unless they exist and it is complete.
 
-        Once per database, in one transaction (a store of 100,000 entries written before
-        the table existed takes ~2 s). Best effort: a database locked or read-only
-        meanwhile works without it (listing reads the summary tags instead), and the next
-        open tries again.
+        In one transaction: dropped (whatever part of it exists), created and filled from
+        the summary tags. Once per database in the usual case; again when the table lost
+        rows (an older version of this library wrote entries). A store of 100,000
+        entries takes ~2 s. Best effort: a database locked or read-only meanwhile works
+        without it (listing reads the summary tags instead), and the next open tries again.
         """
         cache = self._live
         if cache is None:
             return
         con = _connection(cache)
-        complete = len(_SUMMARIES_OBJECTS)
         try:
-            if con.execute(_SUMMARIES_FOUND_SQL, _SUMMARIES_OBJECTS).fetchone()[0] != complete:
+            if not _summaries_complete(con):
                 with cache.transact():
-                    found = con.execute(_SUMMARIES_FOUND_SQL, _SUMMARIES_OBJECTS).fetchone()[0]
-                    if found != complete:  # else another process made it meanwhile
+                    if not _summaries_complete(con):  # else another process made it meanwhile
                         for statement in (*_SUMMARIES_DROP_SQL, *_SUMMARIES_CREATE_SQL):
                             con.execute(statement)
                         columns = self._summary_columns()  # from the tags: no rows yet
@@ -730,7 +728,7 @@ class DiskCacheStore:
             self._has_summaries = True
         except (sqlite3.Error, diskcache.Timeout, StoreError) as exc:
             _rollback(cache)
-            _log.debug("Cannot add the summaries table to %s: %s", self._store_dir, exc)
+            _log.debug("Cannot make the summaries table of %s: %s", self._store_dir, exc)
 
     def _recover(self, reason: str) -> None:
         """Move a damaged ``store/`` aside and open an empty one, if no one else uses it.

@@ -211,10 +211,7 @@ def _read_typed_summaries(
     Raises:
         sqlite3.Error: a query failed.
     """
-    found = con.execute(_SUMMARIES_FOUND_SQL, _SUMMARIES_OBJECTS).fetchone()[0]
-    if found != len(_SUMMARIES_OBJECTS):
-        return None
-    if con.execute(_SUMMARIES_COMPLETE_SQL).fetchone()[0] != 1:
+    if not _summaries_complete(con):
         return None
     wanted = sorted(range(len(EntrySummary._fields)) if fields is None else set(fields))
     names = ", ".join(EntrySummary._fields[i] for i in wanted)
@@ -231,6 +228,18 @@ def _read_typed_summaries(
     except (TypeError, ValueError, KeyError, OverflowError):
         return None  # not as this library writes them: read the tags
     return columns
+
+
+def _summaries_complete(con: sqlite3.Connection) -> bool:
+    """Whether the ``Summaries`` table and its triggers exist, with one row per entry.
+
+    Raises:
+        sqlite3.Error: a query failed.
+    """
+    found = con.execute(_SUMMARIES_FOUND_SQL, _SUMMARIES_OBJECTS).fetchone()[0]
+    if found != len(_SUMMARIES_OBJECTS):
+        return False
+    return bool(con.execute(_SUMMARIES_COMPLETE_SQL).fetchone()[0] == 1)
 
 
 def _check_index(column: Sequence[Any]) -> None:
