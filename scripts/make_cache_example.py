@@ -19,8 +19,9 @@ What is (and is not) in the directory:
 * No ``runs/`` journal: the script calls the executor directly rather than ``pipe run``,
   so there are no absolute paths, host names or process ids of the machine that made it.
   The entries' ``run_id`` is ``cache-example``.
-* No SQLite ``-wal``/``-shm`` files: the store is closed, and the write-ahead log is
-  checkpointed into ``cache.db`` before the script exits.
+* No SQLite ``-wal``/``-shm`` files: the store is closed, the write-ahead log is
+  checkpointed into ``cache.db`` before the script exits, and the database is left in
+  rollback-journal mode (readers of a WAL database create those files).
 
 Usage::
 
@@ -75,11 +76,15 @@ def make(directory: Path) -> int:
 def _checkpoint(database: Path) -> None:
     """Fold any write-ahead log into the database, so only ``cache.db`` is committed.
 
-    The last connection to close removes ``cache.db-wal`` and ``cache.db-shm``.
+    The last connection to close removes ``cache.db-wal`` and ``cache.db-shm``. The file
+    is left in rollback-journal mode, so that reading it (``pipe cache ls`` reads without
+    opening the store) creates no ``-wal``/``-shm`` files in a clone; a store that opens
+    it switches it back to WAL, as diskcache does with every database.
     """
     con = sqlite3.connect(database)
     try:
         con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        con.execute("PRAGMA journal_mode = DELETE")
     finally:
         con.close()
     leftovers = [p.name for p in database.parent.glob("cache.db-*")]

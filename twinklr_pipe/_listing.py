@@ -4,7 +4,8 @@
 included (``scripts/bench_cli_cache_ls.py`` measures it). One Python object per entry, or one
 ``str.format`` per row, costs too much, so the listing works on columns: the store hands
 over every entry's summary as one sequence per ``EntrySummary`` field
-(``DiskCacheStore._summary_columns`` reads them with one query), the filters and the sort
+(``DiskCacheStore._summary_columns``, or ``cache._quick`` without opening the store, read
+them from the ``Summaries`` table with one query), the filters and the sort
 give an order of row indices, and the table is built a column at a time in C loops
 (``map``, ``str.join``), the text of each distinct size and minute computed once.
 ``list_entries`` and ``format_entries`` (in ``_admin``) are built on the same functions,

@@ -21,6 +21,10 @@ One entry is two rows of diskcache's ``Cache`` table, written in one transaction
                          access_time: when the entry was last used (see below)
     p/<key>.<variant>    value: the payload bytes
 
+and, in the same transaction, its summary's row of the ``Summaries`` table (typed
+columns; what listing reads; kept honest by triggers against other writers: see
+``_layout``).
+
 and one row per pipeline name is a hint, not an entry (``remember_run``)::
 
     w/<xxh3 of the name>  value: a JSON array of the entry ids its last run used
@@ -1141,14 +1145,15 @@ class DiskCacheStore:
         return metas
 
     def iter_summaries(self) -> Iterator[EntrySummary]:
-        """Every entry's ``EntrySummary`` (what ``pipe cache ls`` lists), mostly in storage order.
+        """Every entry's ``EntrySummary`` (what ``pipe cache ls`` lists), mostly in write order.
 
-        One query reads each metadata row's summary (its ``tag`` column, written by
-        ``put`` in the entry's transaction) and last use; no metadata record is decoded.
-        Rows written before summaries existed, or whose summary cannot be read, are
-        decoded in full instead (and listed last, as are format 1 summaries in a store
-        that also holds format 2 ones). Agrees with ``iter_metadata`` field by field, and like
-        it skips unreadable records (one warning at the end) without deleting them.
+        One query reads the ``Summaries`` table (written by ``put`` and the pending
+        batches in each entry's transaction; see ``_layout``); no metadata record is
+        decoded. When that table cannot be trusted, one query reads each metadata row's
+        summary tag and last use instead; rows without a usable tag are decoded in full
+        (and listed last, as are format 1 summaries in a store that also holds format 2
+        ones). Agrees with ``iter_metadata`` field by field, and like it skips unreadable
+        records (one warning at the end) without deleting them.
 
         Raises:
             StoreError: the database is damaged or closed, or SQLite fails.

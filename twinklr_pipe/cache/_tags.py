@@ -78,7 +78,7 @@ def _summary_tag(meta: EntryMeta) -> str:
         meta.codec,
         meta.run_id,
     )
-    if any(_SUMMARY_SEPARATOR in text for text in strings):
+    if _SUMMARY_SEPARATOR in "".join(strings):
         return _json_summary_tag(meta)
     return _SUMMARY_SEPARATOR.join(
         (
@@ -152,7 +152,7 @@ def _summary_values(meta: EntryMeta) -> tuple[Any, ...]:
     "Last used" is the metadata's: ``put`` writes it to ``access_time`` too.
     """
     return (
-        _META + meta.entry_id,
+        f"{_META}{meta.key}.{meta.variant}",
         meta.key,
         meta.variant,
         meta.pipeline,
