@@ -9,7 +9,7 @@ bench_cli_cache_ls.py``), so ``main`` answers it without either when it can:
   ``--cache-dir``, each at most once, with a value that is not empty and does not start
   with ``-`` or ``~``;
 - the cache directory exists and ``cache._quick.summary_columns`` can read it (a healthy
-  store, no pending log, every summary usable).
+  store, no pending log, a complete ``Summaries`` table).
 
 It then prints what ``pipe cache ls`` prints (the same functions build the table: see
 ``_listing.table_text``). In every other case, ``--help``, ``--json``, a bad ``--sort``, a
