@@ -48,7 +48,7 @@ from unittest import mock
 import xxhash
 
 from twinklr_pipe._admin import format_entries, list_entries, open_store
-from twinklr_pipe._listing import TABLE_FIELDS, format_columns, listing_order, take
+from twinklr_pipe._listing import TABLE_FIELDS, format_columns, gc_paused, listing_order, take
 from twinklr_pipe.cache._entry import EntryMeta
 from twinklr_pipe.cache._quick import summary_columns
 from twinklr_pipe.cache._store import DiskCacheStore
@@ -191,7 +191,8 @@ def main() -> None:
             assert proc.stdout.count(b"\n") == args.entries + 2
 
         def quick_read() -> None:
-            columns = summary_columns(cache_dir.absolute(), TABLE_FIELDS)
+            with gc_paused():  # as the command reads it
+                columns = summary_columns(cache_dir.absolute(), TABLE_FIELDS)
             assert columns is not None, "the quick path declined this store"
 
         def version() -> None:

@@ -263,7 +263,20 @@ class TestMaking:
                 store.put(meta_for(b"a", key_of(number)), b"a")
             expected = metadata_rows(store)
             sql(store, "UPDATE Cache SET tag = NULL WHERE key = ?", (f"m/{key_of(1)}.0",))
+            assert table_rows(store) is None  # the trigger dropped that row
+            assert sorted(store.iter_summaries()) == expected  # a listing makes it again
+            assert table_rows(store) == expected
+
+    def test_a_table_that_lost_rows_is_made_again_by_the_next_listing(self, tmp_path: Path) -> None:
+        """Not at open: counting 100,000 rows at every open would cost more."""
         with DiskCacheStore(tmp_path / "c") as store:
+            for number in range(3):
+                store.put(meta_for(b"a", key_of(number)), b"a")
+            expected = metadata_rows(store)
+            sql(store, "DELETE FROM Summaries WHERE key = ?", (key_of(2),))
+        with DiskCacheStore(tmp_path / "c") as store:
+            assert table_rows(store) is None
+            assert sorted(store.iter_summaries()) == expected
             assert table_rows(store) == expected
 
     def test_a_store_that_cannot_make_it_works_without_it(

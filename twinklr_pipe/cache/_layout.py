@@ -56,10 +56,12 @@ PREFETCH_BYTES: Final = 8192
 #: metadata row, so that listing 100,000 entries reads ~150 bytes of ready values per entry
 #: instead of scanning ``Cache`` (whose rows hold the metadata JSON and every payload
 #: under 32 KB) and parsing each summary tag. ``DiskCacheStore`` writes an entry's row in
-#: the transaction of its ``Cache`` rows, and creates and fills the table at open
-#: (``_store._install_summaries``). Triggers on ``Cache`` delete the row of a metadata row
-#: anyone else inserts, changes or deletes (diskcache's own API, an older version of this
-#: library), and carry "last used" forward when ``touch`` moves it forward. So readers
+#: the transaction of its ``Cache`` rows, creates and fills the table at open when it is
+#: missing (``_store._install_summaries``), and again when listing finds rows missing
+#: (``_store.DiskCacheStore._summary_columns``). Triggers on ``Cache`` delete the row of
+#: a metadata row anyone else inserts, changes or deletes (diskcache's own API, an older
+#: version of this library), and carry "last used" forward when ``touch`` moves it
+#: forward. So readers
 #: trust it when its five objects exist and it has as many rows as there are metadata
 #: rows; otherwise they read the tags (``_tags._read_summaries``).
 SUMMARIES: Final = "Summaries"

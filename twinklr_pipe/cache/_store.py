@@ -96,6 +96,7 @@ from twinklr_pipe.cache._tags import (
     _json_summary_tag,  # noqa: F401  # tests reach it here
     _read_summaries,
     _summaries_complete,
+    _summaries_installed,
     _summary_rows,
     _summary_tag,
     _summary_values,
@@ -705,34 +706,46 @@ class DiskCacheStore:
         return cache
 
     def _install_summaries(self) -> None:
-        """Make the ``Summaries`` table and its triggers, unless they exist and it is complete.
+        """At open: make the ``Summaries`` table and its triggers unless they all exist.
 
-        In one transaction: dropped (whatever part of it exists), created and filled from
-        the summary tags. Once per database in the usual case; again when the table lost
-        rows (an older version of this library wrote entries). A store of 100,000
-        entries takes ~2 s. Best effort: a database locked or read-only meanwhile works
-        without it (listing reads the summary tags instead), and the next open tries again.
+        Once per database (a store of 100,000 entries written before the table existed
+        takes ~2 s); checking costs a lookup in the schema. Best effort: a database
+        locked or read-only meanwhile works without it (listing reads the summary tags
+        instead), and the next open tries again. A table that lost rows (an older
+        version of this library wrote entries) is made again by the next listing
+        (``_summary_columns``): counting rows at every open would cost more than that.
         """
         cache = self._live
         if cache is None:
             return
         con = _connection(cache)
         try:
-            if not _summaries_complete(con):
-                with cache.transact():
-                    if not _summaries_complete(con):  # else another process made it meanwhile
-                        for statement in (*_SUMMARIES_DROP_SQL, *_SUMMARIES_CREATE_SQL):
-                            con.execute(statement)
-                        columns = self._summary_columns()  # from the tags: no rows yet
-                        entries = map("{}{}.{}".format, repeat(_META), columns[0], columns[1])
-                        con.executemany(
-                            _SUMMARIES_INSERT_SQL + _SUMMARY_VALUES,
-                            zip(entries, *columns, strict=False),
-                        )
+            if not _summaries_installed(con):
+                self._make_summaries(cache)
             self._has_summaries = True
         except (sqlite3.Error, diskcache.Timeout, StoreError) as exc:
             _rollback(cache)
             _log.debug("Cannot make the summaries table of %s: %s", self._store_dir, exc)
+
+    def _make_summaries(self, cache: diskcache.Cache) -> None:
+        """Drop whatever part of ``Summaries`` exists, create it and fill it from the tags.
+
+        One transaction; nothing when another process made it complete meanwhile.
+
+        Raises:
+            sqlite3.Error, diskcache.Timeout, StoreError: it could not be made.
+        """
+        con = _connection(cache)
+        with cache.transact():
+            if _summaries_complete(con):
+                return
+            for statement in (*_SUMMARIES_DROP_SQL, *_SUMMARIES_CREATE_SQL):
+                con.execute(statement)
+            columns = self._summary_columns(repair=False)  # from the tags: no rows yet
+            entries = map("{}{}.{}".format, repeat(_META), columns[0], columns[1])
+            con.executemany(
+                _SUMMARIES_INSERT_SQL + _SUMMARY_VALUES, zip(entries, *columns, strict=False)
+            )
 
     def _recover(self, reason: str) -> None:
         """Move a damaged ``store/`` aside and open an empty one, if no one else uses it.
@@ -1168,11 +1181,13 @@ class DiskCacheStore:
         with _gc_paused():
             return _summary_rows(columns)
 
-    def _summary_columns(self) -> list[Sequence[Any]]:
+    def _summary_columns(self, *, repair: bool = True) -> list[Sequence[Any]]:
         """``iter_summaries`` as columns: ``EntrySummary``'s fields in order, one sequence each.
 
         What ``pipe cache ls`` reads (``twinklr_pipe._listing``): it filters, sorts and
-        formats 100,000 entries column by column, never building a row.
+        formats 100,000 entries column by column, never building a row. With ``repair``,
+        a ``Summaries`` table that lost rows is made again first (best effort), so that
+        this listing and the next ones read it.
 
         Raises:
             StoreError: the database is damaged or closed, or SQLite fails.
@@ -1180,6 +1195,13 @@ class DiskCacheStore:
         action = "list the cache entries"
         cache = self._scanner(action)
         con = _connection(cache)
+        if repair and self._has_summaries:
+            try:
+                if not _summaries_complete(con):
+                    self._make_summaries(cache)
+            except (sqlite3.Error, diskcache.Timeout, StoreError) as exc:
+                _rollback(cache)
+                _log.debug("Cannot make the summaries table of %s: %s", self._store_dir, exc)
         with _gc_paused():
             try:
                 columns, odd = _read_summaries(con)  # odd: keys without a usable summary
