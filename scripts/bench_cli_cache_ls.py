@@ -105,15 +105,15 @@ def _bulk_insert(
     ``json_tags``: as a version before summaries format 2 and the ``Summaries`` table wrote
     them (format 1 tags; the table is dropped afterwards).
     """
-    from twinklr_pipe.cache import _layout
+    from twinklr_pipe.cache import _layout, _tags
     from twinklr_pipe.cache import _store as internals
 
     items = []
     for meta, payload in rows:
         meta = internals._checked_for_put(meta, payload)
         items.append((meta, internals._dump_meta(meta), payload))
-    tags = getattr(internals, "_json_summary_tag" if json_tags else "_summary_tag")
-    with mock.patch.object(internals, "_summary_tag", tags):
+    tags = getattr(_tags, "_json_tag_of" if json_tags else "_tag_of")
+    with mock.patch.object(internals, "_tag_of", tags):
         for start in range(0, len(items), 5000):
             store._write_batch(items[start : start + 5000])
     if json_tags:

@@ -98,8 +98,8 @@ from twinklr_pipe.cache._tags import (
     _summaries_complete,
     _summaries_installed,
     _summary_rows,
-    _summary_tag,
     _summary_values,
+    _tag_of,
 )
 from twinklr_pipe.errors import CacheFormatError, StoreError
 
@@ -218,6 +218,8 @@ _INSERT_MANY_SQL: Final = (
     " size, mode, filename, value) VALUES "
 )
 _INSERT_VALUES: Final = "(?, 1, ?, NULL, ?, 0, ?, ?, ?, ?, ?)"
+#: Index of "last used" in ``_summary_values``.
+_USED: Final = 1 + EntrySummary._fields.index("last_used_at")
 #: Rows per INSERT statement (8 parameters each).
 _ROWS_PER_INSERT: Final = 500
 _INSERT_SQL: Final = (
@@ -1585,9 +1587,10 @@ class DiskCacheStore:
                 # the event loop's thread never waits long for this one.
                 for start in range(0, len(fresh), _ROWS_PER_INSERT // 2):
                     chunk = fresh[start : start + _ROWS_PER_INSERT // 2]
-                    _insert_rows(con, _fresh_rows(chunk, now))
+                    summaries = [_summary_values(meta) for meta, _, _ in chunk]
+                    _insert_rows(con, _fresh_rows(chunk, summaries, now))
                     if self._has_summaries:
-                        _insert_summaries(con, [meta for meta, _, _ in chunk])
+                        _insert_summaries(con, summaries)
                 for meta, data, payload in others:
                     self._write_entry(
                         con,
@@ -1615,18 +1618,19 @@ class DiskCacheStore:
         """
         entry = meta.entry_id
         new = not self._drop_old_variants(con, meta, old_files)
+        summary = _summary_values(meta)
         _write_row(
             con,
             _META + entry,
             meta_columns,
             now,
             old_files,
-            _summary_tag(meta),
+            _tag_of(summary),
             meta.last_used_at,
             new=new,
         )
         if self._has_summaries:
-            con.execute(_SUMMARIES_INSERT_SQL + _SUMMARY_VALUES, _summary_values(meta))
+            _insert_summaries(con, [summary])
         _write_row(con, _PAYLOAD + entry, payload_columns, now, old_files, new=new)
 
     def _flush_loop(self) -> None:
@@ -1908,21 +1912,17 @@ def _write_row(
 
 
 def _fresh_rows(
-    items: Sequence[tuple[EntryMeta, bytes, bytes]], now: float
+    items: Sequence[tuple[EntryMeta, bytes, bytes]],
+    summaries: Sequence[tuple[Any, ...]],
+    now: float,
 ) -> list[tuple[Any, ...]]:
-    """``_INSERT_SQL`` parameters of both rows of entries whose keys have no row yet."""
+    """``_INSERT_SQL`` parameters of both rows of entries whose keys have no row yet.
+
+    ``summaries``: each entry's ``_summary_values`` (its row key, tag and last use).
+    """
     rows: list[tuple[Any, ...]] = [
-        (
-            _META + meta.entry_id,
-            now,
-            float(meta.last_used_at),
-            _summary_tag(meta),
-            0,
-            _MODE_RAW,
-            None,
-            data,
-        )
-        for meta, data, _ in items
+        (summary[0], now, summary[_USED], _tag_of(summary), 0, _MODE_RAW, None, data)
+        for (_, data, _), summary in zip(items, summaries, strict=True)
     ]
     rows += [
         (_PAYLOAD + meta.entry_id, now, now, None, 0, _MODE_RAW, None, payload)
@@ -1945,12 +1945,16 @@ def _insert_rows(con: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
         )
 
 
-def _insert_summaries(con: sqlite3.Connection, metas: Sequence[EntryMeta]) -> None:
-    """Insert the ``Summaries`` rows of new entries (inside their transaction), in one statement."""
-    if metas:
+def _insert_summaries(con: sqlite3.Connection, summaries: Sequence[tuple[Any, ...]]) -> None:
+    """Insert or replace ``Summaries`` rows (``_summary_values``), in one statement.
+
+    Inside the transaction that writes the entries' rows of ``Cache``, after them (their
+    triggers drop any row of the same entry).
+    """
+    if summaries:
         con.execute(
-            _SUMMARIES_INSERT_SQL + ",".join([_SUMMARY_VALUES] * len(metas)),
-            [value for meta in metas for value in _summary_values(meta)],
+            _SUMMARIES_INSERT_SQL + ",".join([_SUMMARY_VALUES] * len(summaries)),
+            [value for summary in summaries for value in summary],
         )
 
 

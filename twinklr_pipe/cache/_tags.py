@@ -38,6 +38,7 @@ _SUMMARY_FORMAT: Final = 2
 _JSON_SUMMARY_FORMAT: Final = 1
 #: ASCII "unit separator": never in the names, versions and ids a summary holds.
 _SUMMARY_SEPARATOR: Final = "\x1f"
+_TEXT_FORMAT: Final = str(_SUMMARY_FORMAT)
 _TEXT_SUMMARY_START: Final = f"{_SUMMARY_FORMAT}{_SUMMARY_SEPARATOR}".encode()
 #: ``version_is_source_hash`` in a format 2 tag.
 _SUMMARY_FLAGS: Final = {"0": False, "1": True}
@@ -59,7 +60,43 @@ _SUMMARY_USED: Final = 12
 
 
 def _summary_tag(meta: EntryMeta) -> str:
-    """The summary stored in the ``tag`` column of an entry's metadata row.
+    """The summary stored in the ``tag`` column of an entry's metadata row (``_tag_of``)."""
+    return _tag_of(_summary_values(meta))
+
+
+def _json_summary_tag(meta: EntryMeta) -> str:
+    """A format 1 summary tag of an entry (``_json_tag_of``)."""
+    return _json_tag_of(_summary_values(meta))
+
+
+def _summary_values(meta: EntryMeta) -> tuple[Any, ...]:
+    """An entry's metadata row key, then its ``EntrySummary`` fields in order.
+
+    Its ``Summaries`` row (``SUMMARY_VALUES``), as ``_read_summaries`` reads it back, and
+    what its summary tag encodes (``_tag_of``). "Last used" is the metadata's: ``put``
+    writes it to ``access_time`` too.
+    """
+    return (
+        f"{_META}{meta.key}.{meta.variant}",
+        meta.key,
+        meta.variant,
+        meta.pipeline,
+        meta.stage_id,
+        meta.stage_identity,
+        meta.version,
+        meta.version_is_source_hash,
+        meta.item_index,
+        meta.codec,
+        meta.size_bytes,
+        float(meta.created_at),
+        float(meta.last_used_at),
+        float(meta.compute_duration_ms),
+        meta.run_id,
+    )
+
+
+def _tag_of(values: tuple[Any, ...]) -> str:
+    """The summary tag of an entry's ``_summary_values``.
 
     Format 2: ``2``, then the ``EntrySummary`` fields in order, joined by
     ``_SUMMARY_SEPARATOR``: strings as they are, ``version_is_source_hash`` as ``1`` or
@@ -68,61 +105,23 @@ def _summary_tag(meta: EntryMeta) -> str:
     JSON. An entry whose strings contain the separator gets a format 1 tag (JSON). It is
     written with the metadata, in the same row.
     """
-    strings = (
-        meta.key,
-        meta.variant,
-        meta.pipeline,
-        meta.stage_id,
-        meta.stage_identity,
-        meta.version,
-        meta.codec,
-        meta.run_id,
-    )
+    (_, key, variant, pipeline, stage, identity, version, flag, index, codec, size) = values[:11]
+    created, used, compute, run_id = values[11:]
+    strings = (key, variant, pipeline, stage, identity, version, codec, run_id)
     if _SUMMARY_SEPARATOR in "".join(strings):
-        return _json_summary_tag(meta)
+        return _json_tag_of(values)
+    flag_text = "1" if flag else "0"
+    index_text = "" if index is None else str(index)
+    numbers = (str(size), repr(created), repr(used), repr(compute))
     return _SUMMARY_SEPARATOR.join(
-        (
-            str(_SUMMARY_FORMAT),
-            meta.key,
-            meta.variant,
-            meta.pipeline,
-            meta.stage_id,
-            meta.stage_identity,
-            meta.version,
-            "1" if meta.version_is_source_hash else "0",
-            "" if meta.item_index is None else str(meta.item_index),
-            meta.codec,
-            str(meta.size_bytes),
-            repr(float(meta.created_at)),
-            repr(float(meta.last_used_at)),
-            repr(float(meta.compute_duration_ms)),
-            meta.run_id,
-        )
+        (_TEXT_FORMAT, *strings[:6], flag_text, index_text, codec, *numbers, run_id)
     )
 
 
-def _json_summary_tag(meta: EntryMeta) -> str:
+def _json_tag_of(values: tuple[Any, ...]) -> str:
     """A format 1 summary tag: a JSON array, ``_JSON_SUMMARY_FORMAT`` then the fields."""
     return json.dumps(
-        [
-            _JSON_SUMMARY_FORMAT,
-            meta.key,
-            meta.variant,
-            meta.pipeline,
-            meta.stage_id,
-            meta.stage_identity,
-            meta.version,
-            meta.version_is_source_hash,
-            meta.item_index,
-            meta.codec,
-            meta.size_bytes,
-            float(meta.created_at),
-            float(meta.last_used_at),
-            float(meta.compute_duration_ms),
-            meta.run_id,
-        ],
-        ensure_ascii=False,
-        separators=(",", ":"),
+        [_JSON_SUMMARY_FORMAT, *values[1:]], ensure_ascii=False, separators=(",", ":")
     )
 
 
@@ -144,30 +143,6 @@ def _parse_summary(row_key: str, tag: bytes | None, used: Any) -> EntrySummary |
     if type(used) is float and used > fields[_SUMMARY_USED]:
         fields[_SUMMARY_USED] = used
     return EntrySummary._make(fields[1:])
-
-
-def _summary_values(meta: EntryMeta) -> tuple[Any, ...]:
-    """The ``Summaries`` row of an entry (``SUMMARY_VALUES``), as ``_read_summaries`` reads it back.
-
-    "Last used" is the metadata's: ``put`` writes it to ``access_time`` too.
-    """
-    return (
-        f"{_META}{meta.key}.{meta.variant}",
-        meta.key,
-        meta.variant,
-        meta.pipeline,
-        meta.stage_id,
-        meta.stage_identity,
-        meta.version,
-        meta.version_is_source_hash,
-        meta.item_index,
-        meta.codec,
-        meta.size_bytes,
-        float(meta.created_at),
-        float(meta.last_used_at),
-        float(meta.compute_duration_ms),
-        meta.run_id,
-    )
 
 
 def _read_summaries(con: sqlite3.Connection) -> tuple[list[Sequence[Any]], list[str]]:
