@@ -57,7 +57,7 @@ PREFETCH_BYTES: Final = 8192
 #: instead of scanning ``Cache`` (whose rows hold the metadata JSON and every payload
 #: under 32 KB) and parsing each summary tag. ``DiskCacheStore`` writes an entry's row in
 #: the transaction of its ``Cache`` rows, creates and fills the table at open when it is
-#: missing (``_store._install_summaries``), and again when listing finds rows missing
+#: missing (``_store._install_summaries``), and again when listing could not trust it
 #: (``_store.DiskCacheStore._summary_columns``). Triggers on ``Cache`` delete the row of
 #: a metadata row anyone else inserts, changes or deletes (diskcache's own API, an older
 #: version of this library), and carry "last used" forward when ``touch`` moves it

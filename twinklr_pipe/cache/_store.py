@@ -711,43 +711,41 @@ class DiskCacheStore:
         """At open: make the ``Summaries`` table and its triggers unless they all exist.
 
         Once per database (a store of 100,000 entries written before the table existed
-        takes ~2 s); checking costs a lookup in the schema. Best effort: a database
-        locked or read-only meanwhile works without it (listing reads the summary tags
-        instead), and the next open tries again. A table that lost rows (an older
-        version of this library wrote entries) is made again by the next listing
+        takes ~2 s); checking costs a lookup in the schema. A table that lost rows (an
+        older version of this library wrote entries) is made again by the next listing
         (``_summary_columns``): counting rows at every open would cost more than that.
         """
         cache = self._live
-        if cache is None:
-            return
+        if cache is not None:
+            self._has_summaries = self._make_summaries(cache, unless_installed=True)
+
+    def _make_summaries(self, cache: diskcache.Cache, *, unless_installed: bool = False) -> bool:
+        """Drop whatever part of ``Summaries`` exists, create it and fill it from the tags.
+
+        One transaction. With ``unless_installed``, nothing when its objects all exist
+        (in the transaction: when it is complete, made by another process meanwhile).
+        Best effort: returns False when it could not be made (a database locked or
+        read-only meanwhile); the store works without it, listing reads the tags.
+        """
         con = _connection(cache)
         try:
-            if not _summaries_installed(con):
-                self._make_summaries(cache)
-            self._has_summaries = True
+            if unless_installed and _summaries_installed(con):
+                return True
+            with cache.transact():
+                if unless_installed and _summaries_complete(con):
+                    return True
+                for statement in (*_SUMMARIES_DROP_SQL, *_SUMMARIES_CREATE_SQL):
+                    con.execute(statement)
+                columns = self._summary_columns(repair=False)  # from the tags: no rows yet
+                entries = map("{}{}.{}".format, repeat(_META), columns[0], columns[1])
+                con.executemany(
+                    _SUMMARIES_INSERT_SQL + _SUMMARY_VALUES, zip(entries, *columns, strict=False)
+                )
         except (sqlite3.Error, diskcache.Timeout, StoreError) as exc:
             _rollback(cache)
             _log.debug("Cannot make the summaries table of %s: %s", self._store_dir, exc)
-
-    def _make_summaries(self, cache: diskcache.Cache) -> None:
-        """Drop whatever part of ``Summaries`` exists, create it and fill it from the tags.
-
-        One transaction; nothing when another process made it complete meanwhile.
-
-        Raises:
-            sqlite3.Error, diskcache.Timeout, StoreError: it could not be made.
-        """
-        con = _connection(cache)
-        with cache.transact():
-            if _summaries_complete(con):
-                return
-            for statement in (*_SUMMARIES_DROP_SQL, *_SUMMARIES_CREATE_SQL):
-                con.execute(statement)
-            columns = self._summary_columns(repair=False)  # from the tags: no rows yet
-            entries = map("{}{}.{}".format, repeat(_META), columns[0], columns[1])
-            con.executemany(
-                _SUMMARIES_INSERT_SQL + _SUMMARY_VALUES, zip(entries, *columns, strict=False)
-            )
+            return False
+        return True
 
     def _recover(self, reason: str) -> None:
         """Move a damaged ``store/`` aside and open an empty one, if no one else uses it.
@@ -1188,8 +1186,8 @@ class DiskCacheStore:
 
         What ``pipe cache ls`` reads (``twinklr_pipe._listing``): it filters, sorts and
         formats 100,000 entries column by column, never building a row. With ``repair``,
-        a ``Summaries`` table that lost rows is made again first (best effort), so that
-        this listing and the next ones read it.
+        a ``Summaries`` table it could not trust (rows missing, values of the wrong type)
+        is made again afterwards (best effort), so that the next listings read it.
 
         Raises:
             StoreError: the database is damaged or closed, or SQLite fails.
@@ -1197,18 +1195,14 @@ class DiskCacheStore:
         action = "list the cache entries"
         cache = self._scanner(action)
         con = _connection(cache)
-        if repair and self._has_summaries:
-            try:
-                if not _summaries_complete(con):
-                    self._make_summaries(cache)
-            except (sqlite3.Error, diskcache.Timeout, StoreError) as exc:
-                _rollback(cache)
-                _log.debug("Cannot make the summaries table of %s: %s", self._store_dir, exc)
         with _gc_paused():
             try:
-                columns, odd = _read_summaries(con)  # odd: keys without a usable summary
+                # odd: keys without a usable summary tag
+                columns, odd, from_table = _read_summaries(con)
             except sqlite3.Error as exc:
                 raise self._scan_failed(exc, action) from exc
+        if repair and not from_table and self._has_summaries:
+            self._make_summaries(cache)
         if not odd:
             return columns
         try:

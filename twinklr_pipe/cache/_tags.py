@@ -21,6 +21,7 @@ from twinklr_pipe.cache._layout import SUMMARIES as _SUMMARIES
 from twinklr_pipe.cache._layout import SUMMARIES_COMPLETE_SQL as _SUMMARIES_COMPLETE_SQL
 from twinklr_pipe.cache._layout import SUMMARIES_FOUND_SQL as _SUMMARIES_FOUND_SQL
 from twinklr_pipe.cache._layout import SUMMARIES_OBJECTS as _SUMMARIES_OBJECTS
+from twinklr_pipe.cache._layout import SUMMARY_FIELDS as _SUMMARY_FIELDS
 from twinklr_pipe.cache._layout import TAGS_SQL as _TAGS_SQL
 from twinklr_pipe.cache._summary import EntrySummary
 
@@ -145,12 +146,16 @@ def _parse_summary(row_key: str, tag: bytes | None, used: Any) -> EntrySummary |
     return EntrySummary._make(fields[1:])
 
 
-def _read_summaries(con: sqlite3.Connection) -> tuple[list[Sequence[Any]], list[str]]:
-    """Every entry's summary in the database of ``con``, as ``_parse_summaries`` returns them.
+def _read_summaries(
+    con: sqlite3.Connection,
+) -> tuple[list[Sequence[Any]], list[str], bool]:
+    """Every entry's summary in the database of ``con``: the columns and odd keys that
+    ``_parse_summaries`` returns, and whether they came from the ``Summaries`` table.
 
-    The one place that reads summaries (``DiskCacheStore._summary_columns``, and ``_quick``
-    without a store): from the ``Summaries`` table when it is complete (see ``_layout``),
-    else from the tags of the metadata rows. The check and the read see one snapshot.
+    The one place that reads summaries (``DiskCacheStore._summary_columns``; ``_quick``
+    reads only the table): from the ``Summaries`` table when it can be trusted (see
+    ``_layout``), else from the tags of the metadata rows. The check and the read see one
+    snapshot.
 
     Raises:
         sqlite3.Error: a query failed.
@@ -161,7 +166,7 @@ def _read_summaries(con: sqlite3.Connection) -> tuple[list[Sequence[Any]], list[
     try:
         columns = _read_typed_summaries(con)
         if columns is not None:
-            return columns, []
+            return columns, [], True
         rows = con.execute(_TAGS_SQL).fetchall()
     finally:
         if began:
@@ -170,7 +175,7 @@ def _read_summaries(con: sqlite3.Connection) -> tuple[list[Sequence[Any]], list[
     tags = list(map(itemgetter(1), rows))
     used = list(map(itemgetter(2), rows))
     del rows
-    return _parse_summaries(keys, tags, used)
+    return (*_parse_summaries(keys, tags, used), False)
 
 
 def _read_typed_summaries(
@@ -188,10 +193,10 @@ def _read_typed_summaries(
     """
     if not _summaries_complete(con):
         return None
-    wanted = sorted(range(len(EntrySummary._fields)) if fields is None else set(fields))
-    names = ", ".join(EntrySummary._fields[i] for i in wanted)
+    wanted = sorted(range(len(_SUMMARY_FIELDS)) if fields is None else set(fields))
+    names = ", ".join(_SUMMARY_FIELDS[i] for i in wanted)
     rows = con.execute(f"SELECT {names} FROM {_SUMMARIES}").fetchall()
-    columns: list[Any] = [None] * len(EntrySummary._fields)
+    columns: list[Any] = [None] * len(_SUMMARY_FIELDS)
     for position, field in enumerate(wanted):
         columns[field] = list(map(itemgetter(position), rows))
     del rows
